@@ -1,0 +1,189 @@
+"""Event handlers: session state in, component values out; errors become messages.
+
+Heavy work (loading a model, one forward pass, embedding an image set) happens in ``load`` /
+``explain`` / ``tsne``; everything else answers from the Explanation kept in the session.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import zoo
+from ..capture import explain
+from ..errors import ExplorerError, ImageError, InputError
+from ..images import decode
+from . import views
+from .i18n import error_text, t
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = zoo.assets_dir() / "examples"
+
+
+class UserError(Exception):
+    """An error already translated for the user; the UI layer shows it (gr.Error)."""
+
+
+@dataclass
+class Controls:
+    fusion: str = "mean"
+    discard: float = 0.0
+    start_layer: int = 0
+    opacity: float = 0.55
+    show_mask: bool = True
+
+
+@dataclass
+class Counters:
+    """Server-wide counts (for the benchmark and the soak test): forward passes, view renders."""
+
+    forward_passes: int = 0
+    view_renders: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+COUNTERS = Counters()
+
+
+def fail(lang: str, err: BaseException) -> UserError:
+    return UserError(error_text(lang, err))
+
+
+# ----------------------------------------------------------------------------- examples and masks
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+_MASKS: dict[str, Path] = {}
+
+
+def mask_index(folder: Path = EXAMPLES) -> dict[str, Path]:
+    """sha1 of every shapes example image -> its mask file, so an example keeps its mask however it
+    arrives (picked from the examples, or downloaded and uploaded again)."""
+    if not _MASKS and folder.is_dir():
+        for m in folder.rglob("*.mask.png"):
+            img = m.with_name(m.name.replace(".mask.png", ".png"))
+            if img.is_file():
+                _MASKS[_digest(img.read_bytes())] = m
+    return _MASKS
+
+
+def examples(kind: str) -> list[str]:
+    folder = EXAMPLES / kind
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+                  and not p.name.endswith(".mask.png"))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load(spec: str, checkpoint: str | None, arch: str | None, lang: str,
+         previous: str | None = None) -> tuple[Any, str]:
+    """Load a model (shared bounded cache). Returns ``(loaded, status markdown)``.
+
+    A checkpoint file comes with an architecture name (``arch``, or ``spec`` when it is a timm name).
+    """
+    spec = (spec or "").strip()
+    try:
+        if checkpoint:
+            name = (arch or "").strip() or spec
+            loaded = zoo.load_model(name, checkpoint=checkpoint)
+        else:
+            loaded = zoo.load_model(spec)
+    except ExplorerError as err:
+        msg = error_text(lang, err)
+        if previous:
+            msg += " " + t(lang, "kept_model", name=previous)
+        raise UserError(msg) from err
+    status = t(lang, "loaded", name=loaded.name, source=loaded.source)
+    if loaded.source == "bundled":
+        classes = (loaded.notes.get("classes_zh") if lang == "zh-CN" else None) or loaded.label_names
+        status += " " + t(lang, "bundled_note", classes=", ".join(classes))
+    return loaded, status
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+def explain_file(loaded: Any, path: str | None, lang: str, spec: str) -> views.Session:
+    """Decode an image file safely and explain it: the one forward pass for this (model, image)."""
+    if not path:
+        raise UserError(t(lang, "no_image"))
+    try:
+        data = Path(path).read_bytes() if os.path.getsize(path) <= 64 * 2**20 else None
+        if data is None:
+            raise ImageError("The file is larger than 64 MB.", code="file_too_large",
+                             mb=os.path.getsize(path) // 2**20, limit=64)
+        decoded = decode(data)
+        exp = explain(loaded, decoded.array)
+    except ExplorerError as err:
+        raise fail(lang, err) from err
+    COUNTERS.add("forward_passes")
+    exp.notes = decoded.notes
+    mask = None
+    mpath = mask_index().get(_digest(data))
+    if mpath is not None:
+        m = decode(mpath.read_bytes()).array[..., 0] > 127
+        if m.shape == decoded.array.shape[:2]:
+            mask = m
+    return views.Session(model=spec, exp=exp, image=decoded.array, mask=mask, notes=decoded.notes)
+
+
+def notes_text(s: views.Session, lang: str) -> str:
+    assert s.exp is not None and s.image is not None
+    out = [t(lang, f"notes_{code}", **params) for code, params in s.notes]
+    x0, y0, x1, y1 = s.exp.box
+    H, W = s.image.shape[:2]
+    if (x1 - x0) < W - 1 or (y1 - y0) < H - 1:
+        out.append(t(lang, "saw", w=round(x1 - x0), h=round(y1 - y0), W=W, H=H))
+    return " ".join(out)
+
+
+def prediction(s: views.Session, lang: str, loaded: Any = None) -> dict[str, float]:
+    assert s.exp is not None
+    names = None
+    if loaded is not None and lang == "zh-CN":
+        zh = loaded.notes.get("classes_zh")
+        if zh and len(zh) == len(loaded.label_names):
+            names = zh
+    return {(names[i] if names else label): float(p) for i, label, p in s.exp.topk}
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+def set_query(s: views.Session, token: int | None) -> views.Session:
+    if s.exp is None:
+        return s
+    if token is not None and not 0 <= int(token) < s.exp.layout.num_tokens:
+        raise InputError(f"query token {token} is outside 0..{s.exp.layout.num_tokens - 1}",
+                         code="bad_query", query=token, tokens=s.exp.layout.num_tokens)
+    return replace(s, query=None if token is None else int(token))
+
+
+def click(s: views.Session, xy: tuple[float, float]) -> views.Session:
+    if s.exp is None:
+        return s
+    token = views.click_to_token(s, float(xy[0]), float(xy[1]))
+    return s if token is None else replace(s, query=token)
+
+
+def timed(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

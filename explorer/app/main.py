@@ -1,0 +1,258 @@
+"""Build and launch the app: layout from :mod:`.ui`, handlers from :mod:`.handlers`, all wiring here."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .. import zoo
+from ..errors import ExplorerError
+from . import handlers as H
+from . import tsne as TS
+from . import views
+from .i18n import error_text, pick_lang, t
+from .ui import (DEFAULT_MODEL, SESSION_TTL_S, UI, create_attention_tab, create_distance_tab, create_header,
+                 create_model_tab, create_patches_tab, create_posembed_tab, create_sidebar, create_tsne_tab)
+
+log = logging.getLogger(__name__)
+CSS = (Path(__file__).with_name("style.css")).read_text(encoding="utf-8")
+HEAD = (Path(__file__).with_name("hover.js")).read_text(encoding="utf-8")
+
+
+def _err(lang: str, e: BaseException) -> gr.Error:
+    msg = str(e) if isinstance(e, H.UserError) else error_text(lang, e)
+    return gr.Error(msg, title="⚠️", print_exception=False)
+
+
+def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
+    ui = UI(default_model)
+    with gr.Blocks(title="ViT Attention Explorer", delete_cache=(600, 3600)) as demo:
+        state = gr.State(views.Session(), time_to_live=SESSION_TTL_S)
+        model_state = gr.State({"spec": default_model, "checkpoint": None, "arch": None})
+        create_header(ui)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
+                create_sidebar(ui)
+            with gr.Column(scale=3):
+                with gr.Tabs(elem_id="tabs"):
+                    create_attention_tab(ui)
+                    create_patches_tab(ui)
+                    create_posembed_tab(ui)
+                    create_distance_tab(ui)
+                    create_tsne_tab(ui)
+                    create_model_tab(ui)
+        for tab, key in ((ui.tab_attention, "tab_attention"), (ui.tab_patches, "tab_patches"),
+                         (ui.tab_pos, "tab_posembed"), (ui.tab_dist, "tab_distance"),
+                         (ui.tab_tsne, "tab_tsne"), (ui.tab_about, "tab_about")):
+            ui.T(tab, label=key)
+        wire(ui, demo, state, model_state)
+    return demo
+
+
+def _loaded(ms: dict) -> Any:
+    if ms.get("checkpoint"):
+        return zoo.load_model(ms.get("arch") or ms["spec"], checkpoint=ms["checkpoint"])
+    return zoo.load_model(ms["spec"])
+
+
+def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> None:
+    controls = [ui.fusion, ui.discard, ui.start_layer, ui.opacity, ui.show_mask]
+    attn_out = [ui.overlay, ui.caption, ui.layer_head, ui.inner_row, ui.inner_img, ui.inner_md, ui.query]
+    views_out = attn_out + [ui.grid_img, ui.pipeline, ui.conv_note, ui.overlap, ui.cost, ui.pos_plot, ui.pos_md,
+                            ui.pixel_plot, ui.mad_plot, ui.mad_md, ui.pred, ui.notes, ui.start_layer,
+                            ui.inner_layer, ui.tsne_layer]
+    model_out = [ui.card, ui.curve, ui.status]
+
+    def attention(s: views.Session, lang: str, fusion, discard, start, opacity, show_mask, inner_layer) -> dict:
+        if s.exp is None:
+            return {c: gr.update() for c in attn_out}
+        H.COUNTERS.add("view_renders")
+        img, cap = views.rollout_view(s, lang, fusion=fusion, discard=discard, start_layer=int(start or 0),
+                                      opacity=opacity, show_mask=bool(show_mask))
+        inner, inner_md = views.inner_view(s, lang, int(inner_layer or 0))
+        q = s.query_token()
+        return {ui.overlay: img, ui.caption: cap, ui.layer_head: views.layer_head_figure(s, lang),
+                ui.inner_row: gr.update(visible=inner is not None), ui.inner_img: inner, ui.inner_md: inner_md,
+                ui.query: q}
+
+    def everything(s: views.Session, lang: str, ms: dict, ctl: list, inner_layer, kernel, stride) -> dict:
+        out = attention(s, lang, *ctl, inner_layer)
+        exp = s.exp
+        assert exp is not None
+        grid_img, pipe, cost_fig, overlap = views.patches_view(s, lang, kernel, stride)
+        loaded = _loaded(ms)
+        pe = loaded.model.pixel_embed if exp.family == "tnt" else loaded.model.patch_embed
+        conv = pe.proj
+        conv_note = t(lang, "conv_note", layer=f"Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size="
+                      f"{tuple(conv.kernel_size)}, stride={tuple(conv.stride)})", k=conv.kernel_size[0],
+                      s=conv.stride[0])
+        pos_fig, pos_md, pixel_fig = views.posembed_view(s, lang, loaded.facts.grid)
+        mad_fig, mad_md = views.distance_view(s, lang)
+        L = exp.num_layers
+        out.update({ui.grid_img: grid_img, ui.pipeline: pipe, ui.conv_note: conv_note, ui.overlap: overlap,
+                    ui.cost: cost_fig, ui.pos_plot: pos_fig, ui.pos_md: pos_md,
+                    ui.pixel_plot: gr.update(value=pixel_fig, visible=pixel_fig is not None),
+                    ui.mad_plot: mad_fig, ui.mad_md: mad_md, ui.pred: H.prediction(s, lang, loaded),
+                    ui.notes: H.notes_text(s, lang), ui.start_layer: gr.update(maximum=L - 1),
+                    ui.inner_layer: gr.update(maximum=L - 1), ui.tsne_layer: gr.update(maximum=L)})
+        return out
+
+    def model_views(ms: dict, lang: str, status: str) -> dict:
+        loaded = _loaded(ms)
+        return {ui.card: views.model_card(loaded, lang), ui.curve: views.learning_curve_figure(loaded, lang),
+                ui.status: status}
+
+    # --- heavy events: one forward pass each -----------------------------------------------
+    def on_image(path, s, lang, ms, *rest):
+        ctl, inner_layer, kernel, stride = list(rest[:5]), rest[5], rest[6], rest[7]
+        if not path:
+            return {c: gr.update() for c in views_out + [state]}
+        try:
+            new = H.explain_file(_loaded(ms), path, lang, ms["spec"])
+            out = everything(new, lang, ms, ctl, inner_layer, kernel, stride)
+        except (H.UserError, ExplorerError) as e:
+            raise _err(lang, e) from None
+        out[state] = new
+        return out
+
+    view_inputs = controls + [ui.inner_layer, ui.kernel, ui.stride]
+    ui.image.change(on_image, [ui.image, state, ui.lang, model_state] + view_inputs, [state] + views_out,
+                    api_name="explain", concurrency_id="model", show_progress="minimal")
+
+    def on_load(spec, ck, arch, path, s, lang, ms, *rest):
+        previous = ms.get("spec")
+        try:
+            loaded, status = H.load(spec, ck, arch, lang, previous)
+        except H.UserError as e:
+            gr.Warning(str(e))
+            return {ui.status: f"⚠️ {e}", ui.model: gr.update(value=previous), model_state: ms}
+        new_ms = {"spec": spec if not ck else (arch or spec), "checkpoint": ck, "arch": arch or None}
+        out = model_views(new_ms, lang, status)
+        out[model_state] = new_ms
+        out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0])
+        out[ui.stride] = gr.update(value=loaded.facts.patch_size[0])
+        if path and s.exp is not None:
+            try:
+                new = H.explain_file(loaded, path, lang, new_ms["spec"])
+                ps = loaded.facts.patch_size[0]
+                out.update(everything(new, lang, new_ms, list(rest[:5]), rest[5], ps, ps))
+                out[state] = new
+            except (H.UserError, ExplorerError) as e:
+                gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
+        return out
+
+    load_out = [model_state, ui.model, ui.kernel, ui.stride, state] + model_out + views_out
+    load_in = [ui.model, ui.ck_file, ui.ck_arch, ui.image, state, ui.lang, model_state] + view_inputs
+    ui.load_btn.click(on_load, load_in, load_out, api_name="load_model", concurrency_id="model")
+    ui.model.input(on_load, load_in, load_out, api_name=False, concurrency_id="model")
+
+    # --- light events: answered from the session's Explanation -------------------------------
+    def on_controls(s, lang, *rest):
+        return attention(s, lang, *rest)
+
+    attn_in = [state, ui.lang] + controls + [ui.inner_layer]
+    gr.on([ui.fusion.input, ui.discard.release, ui.start_layer.release, ui.opacity.release, ui.show_mask.input,
+           ui.inner_layer.release], on_controls, attn_in, attn_out, api_name="attention",
+          concurrency_limit=4, show_progress="hidden")
+
+    def on_click(s, lang, *rest, evt: gr.SelectData):
+        new = H.click(s, evt.index)
+        out = attention(new, lang, *rest)
+        out[state] = new
+        return out
+
+    ui.overlay.select(on_click, attn_in, attn_out + [state], api_name=False, concurrency_limit=4,
+                      show_progress="hidden")
+
+    def on_query(token, s, lang, *rest):
+        try:
+            new = H.set_query(s, None if token is None else int(token))
+        except ExplorerError as e:
+            raise _err(lang, e) from None
+        out = attention(new, lang, *rest)
+        out[state] = new
+        return out
+
+    q_in = [ui.query, state, ui.lang] + controls + [ui.inner_layer]
+    ui.query.submit(on_query, q_in, attn_out + [state], api_name="set_query", concurrency_limit=4)
+
+    def on_reset(s, lang, *rest):
+        return on_query(None, s, lang, *rest)
+
+    ui.reset.click(on_reset, attn_in, attn_out + [state], api_name="reset_query", concurrency_limit=4)
+
+    def on_patches(s, lang, kernel, stride):
+        if s.exp is None:
+            return {c: gr.update() for c in (ui.grid_img, ui.pipeline, ui.cost, ui.overlap)}
+        try:
+            grid_img, pipe, fig, text = views.patches_view(s, lang, kernel, stride)
+        except ExplorerError as e:
+            raise _err(lang, e) from None
+        return {ui.grid_img: grid_img, ui.pipeline: pipe, ui.cost: fig, ui.overlap: text}
+
+    gr.on([ui.kernel.release, ui.stride.release], on_patches, [state, ui.lang, ui.kernel, ui.stride],
+          [ui.grid_img, ui.pipeline, ui.cost, ui.overlap], api_name="patches", concurrency_limit=4)
+
+    # --- t-SNE -------------------------------------------------------------------------------
+    def on_tsne(ms, source, count, layer, files, colour, compare, lang, cache, progress=gr.Progress()):
+        try:
+            fig, text, cache = TS.run(ms, source, int(count), int(layer), files, colour, bool(compare), lang,
+                                      cache, progress)
+        except (ExplorerError, H.UserError) as e:
+            raise _err(lang, e) from None
+        return fig, text, cache
+
+    ui.tsne_run.click(on_tsne, [model_state, ui.tsne_source, ui.tsne_count, ui.tsne_layer, ui.tsne_files,
+                                ui.tsne_colour, ui.tsne_compare, ui.lang, ui.tsne_state],
+                      [ui.tsne_plot, ui.tsne_md, ui.tsne_state], api_name="tsne", concurrency_id="model")
+
+    # --- language and start-up -----------------------------------------------------------------
+    text_comps = [c for c, _ in ui.T.items]
+
+    def on_lang(lang, s, ms, *rest):
+        out = dict(zip(text_comps, ui.T.updates(lang)))
+        out.update(model_views(ms, lang, ""))
+        if s.exp is not None:
+            out.update(everything(s, lang, ms, list(rest[:5]), rest[5], rest[6], rest[7]))
+        return out
+
+    ui.lang.input(on_lang, [ui.lang, state, model_state] + view_inputs,
+                  text_comps + model_out + views_out, api_name="set_language", concurrency_limit=4)
+
+    def on_start(request: gr.Request):
+        lang = pick_lang(request.headers.get("accept-language") if request else None)
+        ms = {"spec": ui.default_model, "checkpoint": None, "arch": None}
+        out = dict(zip(text_comps, ui.T.updates(lang)))
+        out[ui.lang] = lang
+        try:
+            loaded, status = H.load(ui.default_model, None, None, lang)
+            out.update(model_views(ms, lang, status))
+            out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0])
+            out[ui.stride] = gr.update(value=loaded.facts.patch_size[0])
+            shapes = H.examples("shapes")
+            if shapes and ui.image.value is None:
+                out[ui.image] = TS.default_example(shapes)
+        except H.UserError as e:
+            out[ui.status] = f"⚠️ {e}"
+        return out
+
+    demo.load(on_start, None, text_comps + [ui.lang, ui.image, ui.kernel, ui.stride] + model_out,
+              api_name=False)
+
+
+def launch(host: str | None = None, port: int | None = None, share: bool = False,
+           default_model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
+    """Launch with settings for a public app: bounded queue, closed direct API routes, bounded
+    uploads, cleaned temp files, thread count matching the machine."""
+    demo = build_app(default_model)
+    cores = os.cpu_count() or 2
+    demo.queue(max_size=int(os.environ.get("VIT_EXPLORER_QUEUE", "24")), default_concurrency_limit=1,
+               api_open=False)
+    demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
+                share=share, max_file_size="50mb", max_threads=max(4, 2 * cores), enable_monitoring=False,
+                show_error=False, css=CSS, head=HEAD, theme=gr.themes.Soft(primary_hue="indigo"),
+                ssr_mode=False, **kwargs)

@@ -1,0 +1,286 @@
+"""What each view shows, as pure functions of a session and the controls.
+
+No Gradio here and no tensor math: these call :mod:`explorer.analysis` and :mod:`explorer.render`
+on the :class:`~explorer.capture.Explanation` the session holds, so every slider and click is
+answered without running the model again.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import analysis
+from ..analysis import distance as dist
+from ..analysis import posembed
+from ..capture import Explanation
+from ..errors import InputError
+from ..images import patch_count_for
+from ..render import figures, overlay
+from .i18n import t
+
+
+@dataclass
+class Session:
+    """One user's state: small, numpy only, deep-copyable."""
+
+    model: str = ""  # spec of the model that produced ``exp``
+    exp: Explanation | None = None
+    image: np.ndarray | None = None  # the user's image, upright RGB uint8, full size
+    mask: np.ndarray | None = None  # object mask at the model crop's resolution (shapes examples)
+    query: int | None = None  # token index; None = the layout's default (class token)
+    notes: list = field(default_factory=list)
+    forward_passes: int = 0  # how many times this session ran the model (for the benchmark)
+
+    def query_token(self) -> int:
+        assert self.exp is not None
+        return self.exp.layout.default_query() if self.query is None else self.query
+
+
+def token_name(lang: str, exp: Explanation, token: int) -> str:
+    lay = exp.layout
+    if token < lay.num_prefix:
+        role = lay.prefix_roles[token]
+        if role == "cls":
+            return t(lang, "token_class")
+        if role == "dist":
+            return t(lang, "token_distillation")
+        return t(lang, "token_register", i=lay.prefix_roles[:token].count("reg") + 1)
+    r, c = lay.patch_of_token(token)  # type: ignore[misc]
+    return t(lang, "token_patch", index=token - lay.num_prefix, r=r, c=c)
+
+
+def display_image(s: Session) -> np.ndarray:
+    """The user's image, enlarged when tiny (64-px classroom scenes) so it shows on a projector."""
+    assert s.image is not None
+    return overlay.upscale_nearest(s.image, 448)
+
+
+def _display_box(s: Session) -> tuple[tuple[float, float, float, float], float]:
+    assert s.exp is not None and s.image is not None
+    disp = display_image(s)
+    k = disp.shape[0] / s.image.shape[0]
+    x0, y0, x1, y1 = s.exp.box
+    return (x0 * k, y0 * k, x1 * k, y1 * k), k
+
+
+def click_to_token(s: Session, x: float, y: float) -> int | None:
+    """The patch token under a click at ``(x, y)`` on the displayed image; None outside the crop."""
+    assert s.exp is not None
+    (x0, y0, x1, y1), _ = _display_box(s)
+    if not (x0 <= x < x1 and y0 <= y < y1):
+        return None
+    rows, cols = s.exp.layout.grid
+    c = min(cols - 1, int((x - x0) / (x1 - x0) * cols))
+    r = min(rows - 1, int((y - y0) / (y1 - y0) * rows))
+    return s.exp.layout.token_of_patch(r, c)
+
+
+def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_layer: int, opacity: float,
+                 show_mask: bool) -> tuple[np.ndarray, str]:
+    """The rollout overlay on the user's image, and a caption."""
+    exp = s.exp
+    assert exp is not None
+    q = s.query_token()
+    opts = analysis.RolloutOptions(head_fusion=fusion, discard_ratio=float(discard),
+                                   start_layer=int(min(start_layer, exp.num_layers - 1)))
+    row = analysis.rollout_row(exp.attention, q, opts, exp.layout.num_prefix)
+    pmap = analysis.patch_map(row, exp.layout.num_prefix, exp.layout.grid)
+    disp = display_image(s)
+    box, _ = _display_box(s)
+    img = overlay.overlay(disp, pmap, box=box, alpha=float(opacity), smooth=min(disp.shape[:2]) > 2 * max(exp.layout.grid) * 8 and exp.layout.num_patches > 100)
+    patch = exp.layout.patch_of_token(q)
+    if patch is not None:
+        img = overlay.mark_patch(img, exp.layout.grid, q - exp.layout.num_prefix, box=box)
+    caption = [f"**{t(lang, 'rollout_title')}** · {t(lang, 'query')}: {token_name(lang, exp, q)}"]
+    if s.mask is not None:
+        stats = analysis.mass_on(object_patches(s.mask, exp.box, exp.layout), pmap)
+        if show_mask:
+            img = overlay.mask_outline(img, s.mask)
+        caption.append(t(lang, "mask_share", mass=stats["mass"], area=stats["area"], ratio=stats["ratio"],
+                         maxhit=t(lang, "yes" if stats["max_on_object"] else "no")))
+    return img, "\n\n".join(caption)
+
+
+def object_patches(mask: np.ndarray, box: tuple[float, float, float, float], layout) -> np.ndarray:
+    """(rows, cols) bool: patches that overlap the object. ``mask`` is in original-image pixels;
+    it is cropped to what the model saw and resized to the model input first."""
+    import cv2
+
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    m = mask[y0:y1, x0:x1].astype(np.uint8)
+    h, w = layout.input_size
+    if m.shape != (h, w):
+        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+    rows, cols = layout.grid
+    return m.reshape(rows, h // rows, cols, w // cols).any(axis=(1, 3))
+
+
+def layer_head_figure(s: Session, lang: str):
+    exp = s.exp
+    assert exp is not None
+    q = s.query_token()
+    maps = analysis.query_maps(exp.attention, q, exp.layout)
+    return figures.layer_head_grid(maps, title=t(lang, "layer_head_title", query=token_name(lang, exp, q)),
+                                   layer_label=t(lang, "layer"), head_label=t(lang, "head"),
+                                   value_label=t(lang, "weight"))
+
+
+def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, str]:
+    """TNT: inner attention inside the query patch (or the centre patch for the class token)."""
+    exp = s.exp
+    assert exp is not None
+    if exp.inner_attention is None:
+        return None, ""
+    q = s.query_token()
+    lay = exp.layout
+    patch = q - lay.num_prefix if q >= lay.num_prefix else lay.token_of_patch(lay.grid[0] // 2, lay.grid[1] // 2) - lay.num_prefix
+    layer = int(min(max(layer, 0), exp.num_layers - 1))
+    m = analysis.inner_map(exp.inner_attention, patch, layer)
+    r, c = divmod(patch, lay.grid[1])
+    ph, pw = lay.patch_size
+    crop_patch = exp.crop[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
+    big = overlay.upscale_nearest(crop_patch, 192)
+    img = overlay.overlay(big, m, alpha=0.55, smooth=False)
+    img = overlay.patch_grid(img, m.shape, labels=False, colour=(255, 255, 255))
+    return img, t(lang, "inner_title", patch=patch, layer=layer)
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def patches_view(s: Session, lang: str, kernel: int, stride: int) -> tuple[np.ndarray, str, Any, str]:
+    """The model's own patch grid, the tensor shapes, and the overlap calculator."""
+    exp = s.exp
+    assert exp is not None
+    lay = exp.layout
+    crop = overlay.upscale_nearest(exp.crop, 448)
+    grid_img = overlay.patch_grid(crop, lay.grid, first_index=lay.num_prefix)
+    h, w = lay.input_size
+    ph, pw = lay.patch_size
+    D = exp.tokens.shape[-1]
+    prefix = ", ".join(token_name(lang, exp, i) for i in range(lay.num_prefix))
+    pipe = [
+        f"{t(lang, 'pipe_image')}: `{h} × {w} × 3`",
+        f"{t(lang, 'pipe_patches')}: `{lay.grid[0]} × {lay.grid[1]} = {lay.num_patches}` × `{ph}·{pw}·3 = {ph * pw * 3}`",
+        f"{t(lang, 'pipe_tokens')}: `{lay.num_patches} × {D}`",
+    ]
+    if lay.num_prefix:
+        pipe.append(t(lang, "pipe_cls", prefix=prefix) + f": `{lay.num_tokens} × {D}`")
+    pipe.append(t(lang, "pipe_blocks", L=exp.num_layers) + f": `{lay.num_tokens} × {D}`")
+    shapes_md = f"**{t(lang, 'shapes_pipeline')}**\n\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(pipe))
+    size = max(h, w) if h == w else h
+    text, fig = overlap_calculator(lang, size, int(kernel), int(stride))
+    return grid_img, shapes_md, fig, text
+
+
+def overlap_calculator(lang: str, size: int, kernel: int, stride: int):
+    """Tokens and attention cost for a kernel/stride on a square image (LESSONS §1)."""
+    if kernel < 1 or stride < 1 or kernel > size:
+        raise InputError(f"kernel must lie in 1..{size} and stride ≥ 1", code="bad_option", name="kernel")
+    n = patch_count_for(size, kernel, stride)
+    n_base = patch_count_for(size, kernel, kernel)
+    N, N0 = n * n, n_base * n_base
+    cost = (N * N) / (N0 * N0)
+    if stride < kernel:
+        overlap = t(lang, "overlap_yes", times=math.ceil(kernel / stride) ** 2)
+    elif stride > kernel:
+        overlap = t(lang, "overlap_gap")
+    else:
+        overlap = t(lang, "overlap_no")
+    text = t(lang, "overlap_text", k=kernel, s=stride, size=size, n=n, N=N, vals=kernel * kernel * 3,
+             pairs=N * N, cost=cost, overlap=overlap)
+    strides = np.arange(1, kernel + 1)
+    toks = np.array([patch_count_for(size, kernel, int(st)) ** 2 for st in strides])
+    fig = figures.token_cost_plot(strides, toks, toks.astype(float) ** 2 / (N0 * N0), stride,
+                                  title=t(lang, "cost_title", k=kernel), x_label=t(lang, "stride"),
+                                  tokens_label=t(lang, "tokens"), cost_label=t(lang, "rel_cost"))
+    return text, fig
+
+
+# ----------------------------------------------------------------------------- position embeddings
+
+
+def posembed_view(s: Session, lang: str, pos_grid: tuple[int, int]):
+    exp = s.exp
+    assert exp is not None
+    pos = exp.position_embeddings.get("patch")
+    if pos is None:
+        return None, t(lang, "pos_none"), None
+    D = pos.shape[1]
+    panels = [(t(lang, "pos_learned"), posembed.similarity_tiles(pos, pos_grid)),
+              (t(lang, "pos_1d"), posembed.similarity_tiles(posembed.sincos_1d(pos.shape[0], D), pos_grid)),
+              (t(lang, "pos_2d"), posembed.similarity_tiles(posembed.sincos_2d(pos_grid, D), pos_grid))]
+    fig = figures.similarity_panels(panels, title=t(lang, "pos_title"), row_label=t(lang, "pos_row"),
+                                    col_label=t(lang, "pos_col"))
+    nb = posembed.neighbour_structure(pos, pos_grid)
+    text = t(lang, "pos_neighbour", **nb)
+    pixel_fig = None
+    pix = exp.position_embeddings.get("pixel")
+    if pix is not None:
+        sim = posembed.cosine_similarity(pix)
+        side = int(round(math.sqrt(pix.shape[0])))
+        tiles = [(f"{i}", sim[i].reshape(side, side)) for i in range(pix.shape[0])]
+        pixel_fig = figures.small_heatmaps(tiles, title=t(lang, "pixel_pos_title", n=pix.shape[0]))
+    return fig, text, pixel_fig
+
+
+# ----------------------------------------------------------------------------- distance
+
+
+def distance_view(s: Session, lang: str):
+    exp = s.exp
+    assert exp is not None
+    lay = exp.layout
+    mad = dist.mean_attention_distance(exp.attention, lay)
+    L = exp.num_layers
+    rf = dist.conv_receptive_field(L)
+    fig = figures.distance_plot(
+        mad, rf, dist.conv_mean_distance(L), dist.uniform_distance(lay), title=t(lang, "mad_title"),
+        x_label=t(lang, "mad_x"), y_label=t(lang, "mad_y"), head_label=t(lang, "head"),
+        rf_label=t(lang, "mad_rf"), conv_mad_label=t(lang, "mad_conv"), uniform_label=t(lang, "mad_uniform"))
+    text = t(lang, "mad_summary", lo=float(mad[0].min()), hi=float(mad[0].max()), L=L, rf=int(rf[-1]),
+             size=lay.input_size[1])
+    return fig, text
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def model_card(loaded: Any, lang: str) -> str:
+    f = loaded.facts
+    p = f"{f.patch_size[0]}" if f.patch_size[0] == f.patch_size[1] else f"{f.patch_size[0]}×{f.patch_size[1]}"
+    rows = [t(lang, "card_header"),
+            t(lang, "card_row", name=loaded.name, p=p, L=f.layers, D=f.width, mlp=f.mlp_size, H=f.heads,
+              params=f.params_text(), T=f.tokens),
+            t(lang, "card_ref")]
+    names = {"cls": t(lang, "token_class"), "dist": t(lang, "token_distillation"), "reg": "register"}
+    if f.prefix_roles:
+        counts: dict[str, int] = {}
+        for r in f.prefix_roles:
+            counts[r] = counts.get(r, 0) + 1
+        prefix = " + ".join(f"{n}× {names[r]}" if n > 1 else names[r] for r, n in counts.items())
+    else:
+        prefix = t(lang, "card_prefix_none")
+    out = "\n".join(rows) + "\n\n" + t(lang, "card_layout", prefix=prefix, rows=f.grid[0], cols=f.grid[1],
+                                         T=f.tokens, D=f.width, h=f.input_size[0], w=f.input_size[1],
+                                         pos=f.pos_embed)
+    if f.inner:
+        out += "\n\n" + t(lang, "card_inner", pr=f.inner["pixel_grid"][0], pc=f.inner["pixel_grid"][1],
+                          w=f.inner["width"], h=f.inner["heads"], mlp=f.inner["mlp"])
+    notes = loaded.notes or {}
+    if notes.get("curve"):
+        st = notes.get("settings", {})
+        out += "\n\n" + t(lang, "card_training", images=int(notes["curve"]["images"][-1]),
+                          minutes=float(notes.get("minutes", 0)), threads=st.get("threads", "?"))
+    return out
+
+
+def learning_curve_figure(loaded: Any, lang: str):
+    curve = (loaded.notes or {}).get("curve")
+    if not curve:
+        return None
+    return figures.learning_curve(curve, title=t(lang, "curve_title"), x_label=t(lang, "curve_x"),
+                                  acc_label=t(lang, "curve_acc"), loss_label=t(lang, "curve_loss"))

@@ -1,0 +1,184 @@
+"""Plotly figures; numpy in, figures out, no torch. Titles and axis labels come from the caller
+(already translated), so these functions know nothing about languages."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+FONT = "Noto Sans CJK SC, Noto Sans SC, Microsoft YaHei, PingFang SC, Helvetica, Arial, sans-serif"
+PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6",
+           "#9D755D", "#BAB0AC", "#1F77B4", "#D62728"]
+
+
+def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=16)), height=height,
+                      margin=dict(l=50, r=20, t=60, b=50), font=dict(family=FONT, size=13),
+                      plot_bgcolor="white", paper_bgcolor="white")
+    return fig
+
+
+def tile(stack: np.ndarray, gap: int = 1) -> np.ndarray:
+    """(R, C, h, w) -> (R·(h+gap) - gap, C·(w+gap) - gap) with NaN gaps between tiles."""
+    R, C, h, w = stack.shape
+    out = np.full((R * (h + gap) - gap, C * (w + gap) - gap), np.nan, dtype=np.float32)
+    for i in range(R):
+        for j in range(C):
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = stack[i, j]
+    return out
+
+
+def _tile_axes(fig: go.Figure, row: int | None = None, col: int | None = None) -> None:
+    kw = {} if row is None else dict(row=row, col=col)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, **kw)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed",
+                     scaleanchor="x" if row is None else None, **kw)
+
+
+def layer_head_grid(maps: np.ndarray, *, title: str, layer_label: str, head_label: str,
+                    value_label: str) -> go.Figure:
+    """(L, H, rows, cols) attention maps as an L×H grid of tiles, each scaled to its own maximum;
+    hover shows layer, head, patch and the raw attention weight."""
+    L, H, rows, cols = maps.shape
+    peak = maps.reshape(L, H, -1).max(-1)[..., None, None]
+    z = tile(maps / np.maximum(peak, 1e-12))
+    raw = tile(maps)
+    gap = 1
+    li = np.full(z.shape, -1)
+    hi = np.full(z.shape, -1)
+    pi = np.full(z.shape, -1)
+    for i in range(L):
+        for j in range(H):
+            sl = np.s_[i * (rows + gap):i * (rows + gap) + rows, j * (cols + gap):j * (cols + gap) + cols]
+            li[sl], hi[sl] = i, j
+            pi[sl] = np.arange(rows * cols).reshape(rows, cols)
+    custom = np.stack([li, hi, pi, np.nan_to_num(raw, nan=-1)], -1)
+    fig = go.Figure(go.Heatmap(
+        z=z, customdata=custom, colorscale="Inferno", showscale=False, hoverongaps=False,
+        hovertemplate=(f"{layer_label} %{{customdata[0]}}, {head_label} %{{customdata[1]}}<br>"
+                       f"patch %{{customdata[2]}}: {value_label} %{{customdata[3]:.4f}}<extra></extra>")))
+    _tile_axes(fig)
+    fig.update_xaxes(tickvals=[j * (cols + gap) + (cols - 1) / 2 for j in range(H)],
+                     ticktext=[f"{head_label} {j}" for j in range(H)], showticklabels=True, side="top")
+    fig.update_yaxes(tickvals=[i * (rows + gap) + (rows - 1) / 2 for i in range(L)],
+                     ticktext=[f"{layer_label} {i}" for i in range(L)], showticklabels=True)
+    fig.update_yaxes(scaleanchor="x", scaleratio=1)
+    return _layout(fig, title, height=max(420, min(1100, 90 + L * 95)))
+
+
+def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, max_tiles: int = 16,
+                      row_label: str = "row", col_label: str = "col", sim_label: str = "cos") -> go.Figure:
+    """Position-embedding similarity as in ViT Fig. 7: one panel per (name, (rows, cols, rows, cols)).
+
+    Grids larger than ``max_tiles`` a side show every k-th position's tile.
+    """
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
+                        horizontal_spacing=0.04)
+    for k, (_, sim) in enumerate(panels):
+        rows, cols = sim.shape[:2]
+        rs = np.unique(np.linspace(0, rows - 1, min(rows, max_tiles)).round().astype(int))
+        cs = np.unique(np.linspace(0, cols - 1, min(cols, max_tiles)).round().astype(int))
+        sub = sim[rs][:, cs]
+        z = tile(sub)
+        rr = np.full(z.shape, -1)
+        cc = np.full(z.shape, -1)
+        for i, r in enumerate(rs):
+            for j, c in enumerate(cs):
+                sl = np.s_[i * (rows + 1):i * (rows + 1) + rows, j * (cols + 1):j * (cols + 1) + cols]
+                rr[sl], cc[sl] = r, c
+        fig.add_trace(go.Heatmap(
+            z=z, customdata=np.stack([rr, cc], -1), zmin=-1, zmax=1, colorscale="RdBu_r",
+            showscale=k == len(panels) - 1, hoverongaps=False,
+            hovertemplate=f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) "
+                          f"{sim_label} %{{z:.3f}}<extra></extra>"), row=1, col=k + 1)
+        _tile_axes(fig, 1, k + 1)
+    fig.update_yaxes(scaleanchor=None)
+    return _layout(fig, title, height=460)
+
+
+def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str) -> go.Figure:
+    """A row of small heatmaps (e.g. TNT pixel-position similarity), each with its own title."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels])
+    for k, (_, m) in enumerate(panels):
+        fig.add_trace(go.Heatmap(z=m, colorscale="RdBu_r", zmin=-1, zmax=1, showscale=k == 0,
+                                 hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>"), row=1, col=k + 1)
+        _tile_axes(fig, 1, k + 1)
+    return _layout(fig, title, height=360)
+
+
+def distance_plot(mad: np.ndarray, conv_rf: np.ndarray, conv_mad: np.ndarray, uniform: float, *,
+                  title: str, x_label: str, y_label: str, head_label: str, rf_label: str,
+                  conv_mad_label: str, uniform_label: str) -> go.Figure:
+    """Mean attention distance of every head against depth (ViT Fig. 7 right), with the receptive
+    field of stacked 3×3 convolutions on the same axes."""
+    L, H = mad.shape
+    fig = go.Figure()
+    for h in range(H):
+        fig.add_trace(go.Scatter(
+            x=np.arange(1, L + 1) + (h - (H - 1) / 2) * 0.04, y=mad[:, h], mode="markers",
+            name=f"{head_label} {h}", marker=dict(size=9, color=PALETTE[h % len(PALETTE)], opacity=0.85),
+            hovertemplate=f"{head_label} {h}, %{{x:.0f}}: %{{y:.1f}} px<extra></extra>"))
+    depth = np.arange(1, len(conv_rf) + 1)
+    fig.add_trace(go.Scatter(x=depth, y=conv_rf, mode="lines+markers", name=rf_label,
+                             line=dict(color="black", dash="dot"), marker=dict(symbol="square", size=6)))
+    fig.add_trace(go.Scatter(x=depth, y=conv_mad, mode="lines", name=conv_mad_label,
+                             line=dict(color="grey", dash="dash")))
+    fig.add_hline(y=uniform, line=dict(color="#E45756", dash="dashdot"),
+                  annotation_text=uniform_label, annotation_position="top left")
+    fig.update_xaxes(title=x_label, dtick=1, range=[0.5, L + 0.5], gridcolor="#eee")
+    fig.update_yaxes(title=y_label, rangemode="tozero", gridcolor="#eee")
+    fig.update_layout(legend=dict(orientation="v", x=1.01, y=1))
+    return _layout(fig, title, height=480)
+
+
+def tsne_plot(panels: Sequence[dict], *, title: str) -> go.Figure:
+    """Side-by-side t-SNE scatters. Each panel: ``{"title", "xy" (n, 2), "groups" (n,) str,
+    "hover" (n,) str, "thumbs" (n,) data-URI or ""}``. Thumbnails ride in ``customdata`` so the
+    page can show the image under the pointer."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p["title"] for p in panels],
+                        horizontal_spacing=0.06)
+    names = sorted({g for p in panels for g in p["groups"]})
+    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(names)}
+    for k, p in enumerate(panels):
+        groups = np.asarray(p["groups"])
+        for g in names:
+            sel = np.flatnonzero(groups == g)
+            if not len(sel):
+                continue
+            fig.add_trace(go.Scatter(
+                x=p["xy"][sel, 0], y=p["xy"][sel, 1], mode="markers", name=g, legendgroup=g,
+                showlegend=k == 0, marker=dict(size=8, color=colour[g], line=dict(width=0.5, color="white")),
+                customdata=np.stack([np.asarray(p["thumbs"])[sel], np.asarray(p["hover"])[sel]], -1),
+                hovertemplate="%{customdata[1]}<extra></extra>"), row=1, col=k + 1)
+        fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, row=1, col=k + 1)
+        fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, row=1, col=k + 1)
+    return _layout(fig, title, height=520)
+
+
+def learning_curve(curve: dict, *, title: str, x_label: str, acc_label: str, loss_label: str) -> go.Figure:
+    """A classroom model's training record: validation accuracy and training loss."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=curve["images"], y=curve["val_acc"], name=acc_label, mode="lines+markers",
+                             line=dict(color="#4C78A8")), secondary_y=False)
+    fig.add_trace(go.Scatter(x=curve["images"], y=curve["train_loss"], name=loss_label, mode="lines",
+                             line=dict(color="#F58518", dash="dot")), secondary_y=True)
+    fig.update_xaxes(title=x_label, gridcolor="#eee")
+    fig.update_yaxes(title=acc_label, range=[0, 1], secondary_y=False, gridcolor="#eee")
+    fig.update_yaxes(title=loss_label, secondary_y=True, showgrid=False)
+    return _layout(fig, title, height=340)
+
+
+def token_cost_plot(strides: np.ndarray, tokens: np.ndarray, cost: np.ndarray, current: int, *,
+                    title: str, x_label: str, tokens_label: str, cost_label: str) -> go.Figure:
+    """Tokens and relative attention cost (N²) against stride, for a fixed kernel."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=strides, y=tokens, name=tokens_label, marker_color=[
+        "#E45756" if s == current else "#4C78A8" for s in strides]), secondary_y=False)
+    fig.add_trace(go.Scatter(x=strides, y=cost, name=cost_label, mode="lines+markers",
+                             line=dict(color="#F58518")), secondary_y=True)
+    fig.update_xaxes(title=x_label, dtick=1)
+    fig.update_yaxes(title=tokens_label, secondary_y=False, gridcolor="#eee")
+    fig.update_yaxes(title=cost_label, secondary_y=True, type="log", showgrid=False)
+    return _layout(fig, title, height=340)

@@ -1,0 +1,143 @@
+"""Heatmap overlays and patch grids drawn with OpenCV; numpy in, RGB uint8 out.
+
+OpenCV is about 7× faster than PIL/numpy blending at full photo size. This is the only module
+that knows OpenCV's colour maps come out in BGR order.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+COLORMAPS = {"inferno": cv2.COLORMAP_INFERNO, "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
+             "viridis": cv2.COLORMAP_VIRIDIS, "magma": cv2.COLORMAP_MAGMA}
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def colormap_lut(name: str = "inferno") -> np.ndarray:
+    """The colour map as a (256, 3) RGB uint8 table."""
+    if name not in _LUTS:
+        ramp = np.arange(256, dtype=np.uint8).reshape(256, 1)
+        _LUTS[name] = cv2.applyColorMap(ramp, COLORMAPS[name])[:, 0, ::-1].copy()
+    return _LUTS[name]
+
+
+def normalise(m: np.ndarray) -> np.ndarray:
+    """Scale a map to [0, 1] (min to max); a constant map becomes zeros."""
+    m = m.astype(np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+def heatmap(m: np.ndarray, size: tuple[int, int], colormap: str = "inferno",
+            smooth: bool = True) -> np.ndarray:
+    """A (rows, cols) map as an RGB heatmap of ``size`` = (width, height)."""
+    u8 = np.round(normalise(m) * 255).astype(np.uint8)
+    interp = cv2.INTER_CUBIC if smooth else cv2.INTER_NEAREST
+    big = cv2.resize(u8, size, interpolation=interp)
+    return colormap_lut(colormap)[big]
+
+
+def overlay(image: np.ndarray, m: np.ndarray, *, box: tuple[float, float, float, float] | None = None,
+            alpha: float = 0.5, colormap: str = "inferno", smooth: bool = True,
+            dim_outside: float = 0.35) -> np.ndarray:
+    """Blend a patch map over an RGB image at the image's own size.
+
+    Args:
+        image: ``(H, W, 3)`` uint8, the user's image.
+        m: ``(rows, cols)`` map over the patch grid.
+        box: the region ``(x0, y0, x1, y1)`` the model saw; the map covers it and the rest of the
+            image is dimmed. None: the map covers the whole image.
+        alpha: opacity of the heatmap.
+    """
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+    ix0, iy0 = int(round(x0)), int(round(y0))
+    ix1, iy1 = max(ix0 + 1, int(round(x1))), max(iy0 + 1, int(round(y1)))
+    out = image.copy() if box is None else cv2.convertScaleAbs(image, alpha=dim_outside)
+    region = np.ascontiguousarray(image[iy0:iy1, ix0:ix1])
+    hm = heatmap(m, (ix1 - ix0, iy1 - iy0), colormap, smooth)
+    out[iy0:iy1, ix0:ix1] = cv2.addWeighted(region, 1.0 - alpha, hm, alpha, 0.0)
+    return out
+
+
+def _font_scale(cell: float) -> float:
+    return max(0.25, min(0.6, cell / 60.0))
+
+
+def patch_grid(image: np.ndarray, grid: tuple[int, int], *, first_index: int = 0,
+               highlight: int | None = None, labels: bool = True,
+               colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Draw the patch grid with token indices over an image that is exactly the model's crop
+    (any size: the grid is scaled). ``highlight``: a patch index to outline."""
+    h, w = image.shape[:2]
+    rows, cols = grid
+    out = image.copy()
+    thick = max(1, round(min(h, w) / 400))
+    for r in range(1, rows):
+        y = round(r * h / rows)
+        cv2.line(out, (0, y), (w - 1, y), colour, thick, cv2.LINE_AA)
+    for c in range(1, cols):
+        x = round(c * w / cols)
+        cv2.line(out, (x, 0), (x, h - 1), colour, thick, cv2.LINE_AA)
+    cw, ch = w / cols, h / rows
+    if labels and min(cw, ch) >= 14:
+        fs = _font_scale(min(cw, ch))
+        for r in range(rows):
+            for c in range(cols):
+                text = str(first_index + r * cols + c)
+                org = (int(c * cw + 2), int(r * ch + 2 + 12 * fs * 1.6))
+                cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, fs, (0, 0, 0), 3, cv2.LINE_AA)
+                cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, fs, colour, 1, cv2.LINE_AA)
+    if highlight is not None:
+        r, c = divmod(highlight, cols)
+        cv2.rectangle(out, (int(c * cw), int(r * ch)), (int((c + 1) * cw) - 1, int((r + 1) * ch) - 1),
+                      (0, 255, 255), max(2, thick * 2), cv2.LINE_AA)
+    return out
+
+
+def mark_patch(image: np.ndarray, grid: tuple[int, int], patch: int, *,
+               box: tuple[float, float, float, float] | None = None,
+               colour: tuple[int, int, int] = (0, 255, 255)) -> np.ndarray:
+    """Outline one patch (the current query) on an image, inside ``box`` when given."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+    rows, cols = grid
+    r, c = divmod(patch, cols)
+    cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
+    out = image.copy()
+    t = max(2, round(min(h, w) / 250))
+    cv2.rectangle(out, (int(x0 + c * cw), int(y0 + r * ch)), (int(x0 + (c + 1) * cw), int(y0 + (r + 1) * ch)),
+                  colour, t, cv2.LINE_AA)
+    return out
+
+
+def mask_outline(image: np.ndarray, mask: np.ndarray, *, box: tuple[float, float, float, float] | None = None,
+                 colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
+    """Draw the outline of a binary mask (given at the model crop's resolution) over the image."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
+    bw, bh = max(1, int(round(x1 - x0))), max(1, int(round(y1 - y0)))
+    m = cv2.resize(mask.astype(np.uint8) * 255, (bw, bh), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = image.copy()
+    cv2.drawContours(out, [c + np.array([[int(round(x0)), int(round(y0))]]) for c in contours], -1, colour,
+                     max(1, round(min(h, w) / 300)), cv2.LINE_AA)
+    return out
+
+
+def upscale_nearest(image: np.ndarray, min_side: int = 384) -> np.ndarray:
+    """Enlarge a small image (a 64-px classroom scene) so it shows crisply on a projector."""
+    h, w = image.shape[:2]
+    k = max(1, int(np.ceil(min_side / max(1, min(h, w)))))
+    return image if k == 1 else cv2.resize(image, (w * k, h * k), interpolation=cv2.INTER_NEAREST)
+
+
+def tile_maps(maps: np.ndarray, *, size: int = 72, pad: int = 2, colormap: str = "inferno") -> np.ndarray:
+    """A (R, C, rows, cols) stack of maps as one image of R×C heatmap tiles, each normalised."""
+    R, C = maps.shape[:2]
+    out = np.full((R * (size + pad) + pad, C * (size + pad) + pad, 3), 255, np.uint8)
+    for i in range(R):
+        for j in range(C):
+            y, x = pad + i * (size + pad), pad + j * (size + pad)
+            out[y:y + size, x:x + size] = heatmap(maps[i, j], (size, size), colormap, smooth=False)
+    return out
