@@ -96,8 +96,10 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                     ui.cost: cost_fig, ui.pos_plot: pos_fig, ui.pos_md: pos_md,
                     ui.pixel_plot: gr.update(value=pixel_fig, visible=pixel_fig is not None),
                     ui.mad_plot: mad_fig, ui.mad_md: mad_md, ui.pred: H.prediction(s, lang, loaded),
-                    ui.notes: H.notes_text(s, lang), ui.start_layer: gr.update(maximum=L - 1),
-                    ui.inner_layer: gr.update(maximum=L - 1), ui.tsne_layer: gr.update(maximum=L)})
+                    ui.notes: H.notes_text(s, lang),
+                    ui.start_layer: gr.update(maximum=L - 1, value=min(int(ctl[2] or 0), L - 1)),
+                    ui.inner_layer: gr.update(maximum=L - 1, value=min(int(inner_layer or 0), L - 1)),
+                    ui.tsne_layer: gr.update(maximum=L, value=L)})
         return out
 
     def model_views(ms: dict, lang: str, status: str) -> dict:
@@ -132,8 +134,8 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         new_ms = {"spec": spec if not ck else (arch or spec), "checkpoint": ck, "arch": arch or None}
         out = model_views(new_ms, lang, status)
         out[model_state] = new_ms
-        out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0])
-        out[ui.stride] = gr.update(value=loaded.facts.patch_size[0])
+        out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0], maximum=max(32, loaded.facts.patch_size[0]))
+        out[ui.stride] = gr.update(value=loaded.facts.patch_size[0], maximum=max(32, loaded.facts.patch_size[0]))
         if path and s.exp is not None:
             try:
                 new = H.explain_file(loaded, path, lang, new_ms["spec"])
@@ -230,8 +232,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         try:
             loaded, status = H.load(ui.default_model, None, None, lang)
             out.update(model_views(ms, lang, status))
-            out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0])
-            out[ui.stride] = gr.update(value=loaded.facts.patch_size[0])
+            ps = loaded.facts.patch_size[0]
+            out[ui.kernel] = {**out[ui.kernel], "value": ps}  # merged: it also carries the label
+            out[ui.stride] = {**out[ui.stride], "value": ps}
             shapes = H.examples("shapes")
             if shapes and ui.image.value is None:
                 out[ui.image] = TS.default_example(shapes)

@@ -7,6 +7,7 @@ the language switch can relabel the whole page.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +87,9 @@ def create_sidebar(ui: UI) -> None:
                           height=260, elem_id="image"), label="image")
     shapes = H.examples("shapes")
     photos = H.examples("photos")
-    ui.ex_shapes = gr.Examples(shapes[:16], inputs=[ui.image], label=t("en", "examples_shapes"),
-                               examples_per_page=16) if shapes else None
+    one_each = [next(p for p in shapes if f"/{c}/" in p) for c in sorted({Path(p).parent.name for p in shapes})]
+    ui.ex_shapes = gr.Examples(one_each, inputs=[ui.image], label=t("en", "examples_shapes"),
+                               examples_per_page=8) if shapes else None
     ui.ex_photos = gr.Examples(photos, inputs=[ui.image], label=t("en", "examples_photos")) if photos else None
     ui.pred = T(gr.Label(num_top_classes=5, elem_id="prediction"), label="prediction")
     ui.notes = gr.Markdown(elem_id="notes")
