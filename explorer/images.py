@@ -30,6 +30,9 @@ MAX_FILE_BYTES = 40 * 1024 * 1024
 #: Longest side ratio accepted; beyond it the centre crop would show a sliver of the image.
 MAX_ASPECT = 12.0
 
+#: Signatures of formats PIL reads: a file that starts like one but cannot be opened is damaged.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
 # PIL's own bomb guard raises a bare DecompressionBombError inside whatever opened the file
 # (Gradio's upload handling among them); decode() checks the declared size itself, right after
 # reading the header and before any pixel is decoded, and says so in the user's language.
@@ -141,6 +144,10 @@ def decode(source: Any, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+                raise ImageError("The image file is damaged or cut short: it starts like an image but its "
+                                 "header cannot be read. Re-export it and upload it again.",
+                                 code="damaged") from None
             raise _sniff_unsupported(data[:4096]) or ImageError(
                 "This file is not an image format that can be read here. "
                 "Upload a PNG, JPEG, GIF, BMP, TIFF or WebP image.", code="not_image") from None

@@ -8,6 +8,7 @@ were extracted to), and the archive is refused when its entries would inflate be
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -63,10 +64,13 @@ def read_zip(path: str | Path, max_images: int) -> ImageSet:
             if len(out.items) >= max_images:
                 raise InputError(f"The zip holds more than {max_images} images; use a subset.",
                                  code="too_many_images", n=len(out.items) + 1, max=max_images)
-            with zf.open(info) as fh:  # read at most the declared size: a lying header cannot inflate
-                data = fh.read(info.file_size + 1)
-            if len(data) > info.file_size:
-                out.skipped.append(f"{info.filename}: larger than its header says")
+            try:
+                with zf.open(info) as fh:  # read at most the declared size: a lying header cannot inflate
+                    data = fh.read(info.file_size)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as err:
+                # zipfile stops at the declared size and then fails the CRC check (bad CRC-32), or the
+                # entry is encrypted / uses an unknown method: leave it out, do not fail the whole set
+                out.skipped.append(f"{info.filename}: damaged or unreadable entry ({err})")
                 continue
             out.items.append(data)
             out.labels.append(_label_of(p.parts))

@@ -47,8 +47,9 @@ def fuse(attn_layer: np.ndarray, opts: RolloutOptions, num_prefix: int) -> np.nd
         patch = f[:, num_prefix:]  # (T, N) view
         k = int(patch.shape[1] * opts.discard_ratio)
         if k > 0:
-            thresh = np.partition(patch, k - 1, axis=1)[:, k - 1:k]  # k-th smallest per row
-            patch[patch <= thresh] = 0.0
+            # exactly the k weakest per row; a threshold (<= k-th smallest) drops every tied link
+            weakest = np.argpartition(patch, k - 1, axis=1)[:, :k]
+            np.put_along_axis(patch, weakest, 0.0, axis=1)
     t = f.shape[0]
     f = (1 - opts.residual) * f + opts.residual * np.eye(t, dtype=np.float32)
     return f / f.sum(-1, keepdims=True)

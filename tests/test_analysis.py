@@ -1,0 +1,379 @@
+"""Analyses against analytic cases and independent naive implementations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from explorer.analysis import (RolloutOptions, conv_mean_distance, conv_receptive_field, inner_map,
+                               mass_on, mean_attention_distance, neighbour_structure, patch_map,
+                               prefix_share, query_maps, rollout_matrix, rollout_row, similarity_tiles,
+                               sincos_1d, sincos_2d, token_norms)
+from explorer.analysis.distance import patch_distances, uniform_distance
+from explorer.analysis.embeddings import check_count, silhouette, tsne_2d
+from explorer.analysis.posembed import cosine_similarity
+from explorer.errors import InputError
+from explorer.families import TokenLayout
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def random_attention(L=3, H=4, T=10, seed=0, sharp=2.0) -> np.ndarray:
+    """Softmax rows of random scores. (L, H, T, T)."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0, sharp, (L, H, T, T))
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def test_rollout_of_identity_is_identity():
+    L, H, T = 4, 3, 7
+    eye = np.broadcast_to(np.eye(T, dtype=np.float32), (L, H, T, T)).copy()
+    for q in range(T):
+        row = rollout_row(eye, q)
+        expected = np.zeros(T, np.float32)
+        expected[q] = 1
+        np.testing.assert_allclose(row, expected, atol=1e-7)
+    np.testing.assert_allclose(rollout_matrix(eye), np.eye(T), atol=1e-7)
+
+
+OPTS = [RolloutOptions(head_fusion=f, discard_ratio=d, start_layer=s)
+        for f in ("mean", "max", "min") for d in (0.0, 0.3, 0.9) for s in (0, 1, 3)]
+
+
+@pytest.mark.parametrize("opts", OPTS, ids=lambda o: f"{o.head_fusion}-d{o.discard_ratio}-s{o.start_layer}")
+@pytest.mark.parametrize("num_prefix", [0, 1, 5])
+def test_rollout_row_equals_matrix_row(opts, num_prefix):
+    att = random_attention(L=4, H=3, T=12, seed=int(opts.discard_ratio * 10) + opts.start_layer)
+    full = rollout_matrix(att, opts, num_prefix)
+    for q in (0, 5, 11):
+        np.testing.assert_allclose(rollout_row(att, q, opts, num_prefix), full[q], atol=1e-5)
+    np.testing.assert_allclose(full.sum(-1), 1.0, atol=1e-5)  # still a flow: rows sum to 1
+    assert np.all(full >= 0)
+
+
+def naive_abnar_zuidema(att: np.ndarray, start: int = 0, discard: float = 0.0, num_prefix: int = 1,
+                        residual: float = 0.5) -> np.ndarray:
+    """Abnar & Zuidema (2020), eq. for rollout, with explicit loops:
+
+    Â_l = (1 - r)·mean_h(A_l) + r·I, rows renormalised;  Ã = Â_L · Â_{L-1} · … · Â_start.
+    (Discard: per row, zero the k = floor(N·discard) smallest links to patch tokens.)
+    """
+    L, H, T, _ = att.shape
+    result = None
+    for layer in range(start, L):
+        a = [[sum(float(att[layer, h, i, j]) for h in range(H)) / H for j in range(T)] for i in range(T)]
+        if discard > 0:
+            n_patch = T - num_prefix
+            k = int(n_patch * discard)
+            for i in range(T):
+                cols = sorted(range(num_prefix, T), key=lambda j: a[i][j])[:k]
+                for j in cols:
+                    a[i][j] = 0.0
+        for i in range(T):
+            for j in range(T):
+                a[i][j] = (1 - residual) * a[i][j] + (residual if i == j else 0.0)
+            s = sum(a[i])
+            a[i] = [v / s for v in a[i]]
+        if result is None:
+            result = a
+        else:  # Ã_l = Â_l · Ã_{l-1}
+            result = [[sum(a[i][m] * result[m][j] for m in range(T)) for j in range(T)] for i in range(T)]
+    return np.array(result)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+@pytest.mark.parametrize("discard", [0.0, 0.5])
+def test_rollout_matches_naive_paper_formula(start, discard):
+    att = random_attention(L=4, H=3, T=9, seed=7)
+    opts = RolloutOptions(discard_ratio=discard, start_layer=start)
+    ref = naive_abnar_zuidema(att, start, discard, num_prefix=1)
+    np.testing.assert_allclose(rollout_matrix(att, opts, 1), ref, atol=1e-5)
+    for q in range(9):
+        np.testing.assert_allclose(rollout_row(att, q, opts, 1), ref[q], atol=1e-5)
+
+
+def test_rollout_residual_weight():
+    att = random_attention(L=2, H=2, T=6, seed=3)
+    np.testing.assert_allclose(rollout_matrix(att, RolloutOptions(residual=0.0)),
+                               att[1].mean(0) @ att[0].mean(0), atol=1e-5)
+    np.testing.assert_allclose(rollout_matrix(att, RolloutOptions(residual=1.0)), np.eye(6), atol=1e-6)
+
+
+@pytest.mark.parametrize("num_prefix", [1, 2, 5])
+def test_discard_never_zeroes_prefix_columns(num_prefix):
+    from explorer.analysis.rollout import fuse
+
+    T = num_prefix + 16
+    att = random_attention(L=1, H=2, T=T, seed=num_prefix)
+    att[..., :num_prefix] *= 1e-4  # prefix links are the weakest of all
+    att /= att.sum(-1, keepdims=True)
+    opts = RolloutOptions(discard_ratio=0.9, residual=0.0)
+    f = fuse(att[0], opts, num_prefix)
+    assert np.all(f[:, :num_prefix] > 0)
+    # exactly floor(16 * 0.9) = 14 of the 16 patch links are gone in every row
+    assert np.all((f[:, num_prefix:] == 0).sum(1) == 14)
+
+
+def test_discard_with_ties_drops_exactly_the_share():
+    from explorer.analysis.rollout import fuse
+
+    T = 1 + 10
+    att = np.full((1, 1, T, T), 1.0 / T, np.float32)  # every link ties
+    f = fuse(att[0], RolloutOptions(discard_ratio=0.3, residual=0.0), 1)
+    assert np.all((f[:, 1:] == 0).sum(1) == 3)
+
+
+def test_rollout_input_checks():
+    att = random_attention(L=2, T=5)
+    with pytest.raises(InputError) as ei:
+        rollout_row(att, 5)
+    assert ei.value.code == "bad_query"
+    with pytest.raises(InputError) as ei:
+        rollout_row(att, 0, RolloutOptions(start_layer=2))
+    assert ei.value.code == "bad_layer"
+    with pytest.raises(InputError) as ei:
+        rollout_row(att, 0, RolloutOptions(discard_ratio=1.0))
+    assert ei.value.code == "bad_option"
+    with pytest.raises(InputError) as ei:
+        rollout_row(att, 0, RolloutOptions(head_fusion="median"))
+    assert ei.value.code == "bad_option"
+    with pytest.raises(InputError) as ei:
+        rollout_matrix(att[0])
+    assert ei.value.code == "bad_shape"
+
+
+def test_patch_map_and_mass_on():
+    row = np.array([0.5, 0.1, 0.2, 0.3, 0.4], np.float32)  # 1 prefix + 2x2 patches
+    m = patch_map(row, 1, (2, 2))
+    np.testing.assert_allclose(m, np.array([[0.1, 0.2], [0.3, 0.4]]), atol=1e-6)
+    mask = np.array([[False, False], [False, True]])
+    res = mass_on(mask, m)
+    assert res["mass"] == pytest.approx(0.4) and res["area"] == 0.25
+    assert res["ratio"] == pytest.approx(1.6) and res["max_on_object"] is True
+    np.testing.assert_array_equal(patch_map(np.zeros(5, np.float32), 1, (2, 2)), np.zeros((2, 2)))
+
+
+# ----------------------------------------------------------------------------- attention distance
+
+
+def _one_hot_offset_attention(layout: TokenLayout, offsets, prefix_mass: float = 0.0) -> np.ndarray:
+    """(1, H, T, T): head h sends every patch query to the patch offsets[h] = (dr, dc) away; where
+    that does not exist, the offset is mirrored on that axis (±dr, ±dc: the same distance).
+    Prefix tokens get prefix_mass."""
+    rows, cols = layout.grid
+    p, T = layout.num_prefix, layout.num_tokens
+    a = np.zeros((1, len(offsets), T, T), np.float32)
+    for h, (dr, dc) in enumerate(offsets):
+        for r in range(rows):
+            for c in range(cols):
+                q = layout.token_of_patch(r, c)
+                tr = r + dr if 0 <= r + dr < rows else r - dr  # mirror each axis at the border
+                tc = c + dc if 0 <= c + dc < cols else c - dc
+                assert 0 <= tr < rows and 0 <= tc < cols
+                a[0, h, q, layout.token_of_patch(tr, tc)] = 1.0 - prefix_mass
+                if p:
+                    a[0, h, q, :p] = prefix_mass / p
+        for q in range(p):  # prefix queries do not count; give them something valid
+            a[0, h, q, :] = 1.0 / T
+    return a
+
+
+@pytest.mark.parametrize("layout", [
+    TokenLayout(("cls",), (6, 6), (16, 16)),
+    TokenLayout(("cls", "reg", "reg"), (5, 7), (14, 14)),
+    TokenLayout((), (6, 5), (16, 16)),
+], ids=["cls-6x6", "reg-5x7", "gap-6x5"])
+@pytest.mark.parametrize("prefix_mass", [0.0, 0.4])
+def test_mad_of_one_hot_offsets(layout, prefix_mass):
+    offsets = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (0, 2)]
+    if not layout.num_prefix:
+        prefix_mass = 0.0
+    att = _one_hot_offset_attention(layout, offsets, prefix_mass)
+    mad = mean_attention_distance(att, layout)
+    assert mad.shape == (1, len(offsets))
+    ps = layout.patch_size[0]
+    expected = [ps * math.sqrt(dr * dr + dc * dc) for dr, dc in offsets]
+    np.testing.assert_allclose(mad[0], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_mad_non_square_patches():
+    layout = TokenLayout(("cls",), (4, 4), (8, 16))  # 8 pixels tall, 16 wide
+    att = _one_hot_offset_attention(layout, [(1, 0), (0, 1), (1, 1)])
+    np.testing.assert_allclose(mean_attention_distance(att, layout)[0], [8, 16, math.hypot(8, 16)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 6)])
+def test_mad_of_uniform_attention(grid):
+    layout = TokenLayout(("cls",), grid, (16, 16))
+    T, N = layout.num_tokens, layout.num_patches
+    att = np.zeros((2, 3, T, T), np.float32)
+    att[..., 1:] = 1.0 / N
+    att[..., 0, :] = 1.0 / T
+    centres = [((r + 0.5) * 16, (c + 0.5) * 16) for r in range(grid[0]) for c in range(grid[1])]
+    total = 0.0
+    for yq, xq in centres:
+        for yk, xk in centres:
+            total += math.hypot(yq - yk, xq - xk)
+    brute = total / (N * N)
+    mad = mean_attention_distance(att, layout)
+    np.testing.assert_allclose(mad, brute, rtol=1e-5)
+    assert uniform_distance(layout) == pytest.approx(brute, rel=1e-9)
+    assert patch_distances(layout).shape == (N, N)
+
+
+def test_conv_receptive_field_and_distance():
+    np.testing.assert_array_equal(conv_receptive_field(4), [3, 5, 7, 9])
+    np.testing.assert_array_equal(conv_receptive_field(3, kernel=5), [5, 9, 13])
+    d = conv_mean_distance(2)
+    assert d[0] == pytest.approx((4 * 1 + 4 * math.sqrt(2)) / 9)
+    r = range(-2, 3)
+    assert d[1] == pytest.approx(sum(math.hypot(y, x) for y in r for x in r) / 25)
+
+
+# ----------------------------------------------------------------------------- position embeddings
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (4, 7)])
+@pytest.mark.parametrize("kind", ["2d", "1d"])
+def test_sincos_similarity_tiles(grid, kind):
+    rows, cols = grid
+    pos = sincos_2d(grid, 64) if kind == "2d" else sincos_1d(rows * cols, 64)
+    assert pos.shape == (rows * cols, 64)
+    tiles = similarity_tiles(pos, grid)
+    assert tiles.shape == (rows, cols, rows, cols)
+    flat = tiles.reshape(rows * cols, rows * cols)
+    np.testing.assert_allclose(np.diag(flat), 1.0, atol=1e-5)
+    np.testing.assert_allclose(flat, flat.T, atol=1e-6)
+    for r in range(rows):
+        for c in range(cols):
+            t = tiles[r, c]
+            assert np.unravel_index(np.argmax(t), t.shape) == (r, c)
+            others = np.delete(t.ravel(), r * cols + c)
+            assert others.max() < 1 - 1e-4  # a strict peak
+
+
+def test_sincos_1d_formula():
+    pos = sincos_1d(5, 8)
+    for p in range(5):
+        for i in range(4):
+            w = 1.0 / 10000 ** (i / 4)
+            assert pos[p, 2 * i] == pytest.approx(math.sin(p * w), abs=1e-6)
+            assert pos[p, 2 * i + 1] == pytest.approx(math.cos(p * w), abs=1e-6)
+
+
+def test_similarity_tiles_rejects_wrong_grid():
+    with pytest.raises(ValueError):
+        similarity_tiles(np.zeros((10, 4)), (3, 3))
+
+
+def test_cosine_similarity_matches_definition():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))
+    sim = cosine_similarity(x)
+    for i in range(7):
+        for j in range(7):
+            ref = x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j]))
+            assert sim[i, j] == pytest.approx(ref, abs=1e-6)
+
+
+def _brute_chance(rows, cols):
+    shares = []
+    for r in range(rows):
+        for c in range(cols):
+            nb = sum(1 for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr or dc)
+                     and 0 <= r + dr < rows and 0 <= c + dc < cols)
+            shares.append(nb / (rows * cols - 1))
+    return float(np.mean(shares))
+
+
+def test_neighbour_structure_sincos_vs_random():
+    grid = (8, 8)
+    s2 = neighbour_structure(sincos_2d(grid, 128), grid)
+    assert s2["total"] == 64
+    assert s2["share"] >= 0.95 and s2["count"] == round(s2["share"] * 64)
+    assert s2["chance"] == pytest.approx(_brute_chance(*grid))
+    rng = np.random.default_rng(0)
+    shares = [neighbour_structure(rng.normal(size=(64, 128)), grid)["share"] for _ in range(40)]
+    assert abs(float(np.mean(shares)) - s2["chance"]) < 0.04  # about chance (~0.104)
+    assert max(shares) < 0.5
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def test_query_maps_are_raw_entries():
+    layout = TokenLayout(("cls", "dist"), (3, 4), (16, 16))
+    att = random_attention(L=2, H=3, T=layout.num_tokens, seed=5)
+    for q in (0, 1, 7, layout.num_tokens - 1):
+        maps = query_maps(att, q, layout)
+        assert maps.shape == (2, 3, 3, 4)
+        for l in range(2):
+            for h in range(3):
+                for r in range(3):
+                    for c in range(4):
+                        assert maps[l, h, r, c] == att[l, h, q, layout.token_of_patch(r, c)]
+        np.testing.assert_allclose(maps.sum((-1, -2)) + prefix_share(att, q, 2), 1.0, atol=1e-5)
+    with pytest.raises(InputError) as ei:
+        query_maps(att, layout.num_tokens, layout)
+    assert ei.value.code == "bad_query"
+
+
+def test_inner_map():
+    rng = np.random.default_rng(0)
+    inner = rng.random((2, 5, 3, 16, 16)).astype(np.float32)  # (L, N, H_in, P, P)
+    m = inner_map(inner, patch=4, layer=1, head=2, query=7)
+    np.testing.assert_allclose(m, inner[1, 4, 2, 7].reshape(4, 4))
+    m = inner_map(inner, patch=4, layer=1)
+    np.testing.assert_allclose(m, inner[1, 4].mean(0).mean(0).reshape(4, 4), atol=1e-6)
+
+
+def test_token_norms_equals_numpy():
+    tokens = np.random.default_rng(1).normal(size=(3, 17, 32)).astype(np.float32)
+    np.testing.assert_allclose(token_norms(tokens), np.linalg.norm(tokens, axis=-1), rtol=1e-6)
+    assert token_norms(tokens).shape == (3, 17)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def test_tsne_guards():
+    with pytest.raises(InputError) as ei:
+        tsne_2d(np.zeros((4, 8)))
+    assert ei.value.code == "too_few_images"
+    with pytest.raises(InputError) as ei:
+        check_count(2001)
+    assert ei.value.code == "too_many_images"
+
+
+@pytest.mark.parametrize("n", range(5, 11))
+def test_tsne_small_n(n):
+    x = np.random.default_rng(n).normal(size=(n, 64))
+    y = tsne_2d(x, perplexity=30.0)  # perplexity must be capped below n
+    assert y.shape == (n, 2) and y.dtype == np.float32
+    assert np.isfinite(y).all()
+
+
+def test_tsne_separates_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 20))
+    x = np.concatenate([c + rng.normal(0, 0.3, (10, 20)) for c in centres])
+    y = tsne_2d(x, perplexity=5)
+    labels = np.repeat([0, 1, 2], 10)
+    assert silhouette(y, labels) is not None
+    from sklearn.metrics import silhouette_score
+    assert silhouette_score(y, labels) > 0.7
+
+
+def test_silhouette():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.eye(3)[i] * 10 + rng.normal(0, 0.05, (8, 3)) for i in range(3)])
+    labels = np.repeat(["a", "b", "c"], 8)
+    s = silhouette(x, labels)
+    assert s is not None and s > 0.95
+    assert silhouette(x, ["a"] * 24) is None
+    assert silhouette(x[:3], ["a", "b", "c"]) is None  # one point per label: undefined

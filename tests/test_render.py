@@ -1,0 +1,159 @@
+"""Renderers: numpy in, RGB uint8 (or a figure) out, in the right place and colour order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explorer.render import overlay as ov
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _image(h=90, w=120, seed=0):
+    return np.random.default_rng(seed).integers(30, 226, (h, w, 3), dtype=np.uint8)
+
+
+def test_colormap_lut_is_rgb():
+    lut = ov.colormap_lut("inferno")
+    assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    r, g, b = lut[255].astype(int)
+    assert r > 200 and g > 200 and b < 190  # inferno ends pale yellow
+    assert r > b + 60 and g > b + 60
+    assert lut[0].max() < 20  # and starts near black
+    assert lut[128, 0] > lut[128, 2]  # the middle is red-purple, red above blue
+    jet = ov.colormap_lut("jet")
+    assert jet[0, 2] > 100 and jet[0, 0] < 10  # jet starts blue (in RGB order)
+    assert jet[255, 0] > 100 and jet[255, 2] < 10  # and ends red
+    assert ov.colormap_lut("inferno") is lut  # cached
+
+
+def test_normalise():
+    np.testing.assert_allclose(ov.normalise(np.array([[2.0, 4.0], [6.0, 10.0]])), [[0, 0.25], [0.5, 1]])
+    assert not ov.normalise(np.full((3, 3), 7.0)).any()
+
+
+def test_heatmap_orientation_and_size():
+    m = np.zeros((4, 6))
+    m[0, 5] = 1.0  # top right is the peak
+    hm = ov.heatmap(m, (60, 40), smooth=False)  # size is (width, height)
+    assert hm.shape == (40, 60, 3) and hm.dtype == np.uint8
+    lut = ov.colormap_lut("inferno")
+    np.testing.assert_array_equal(hm[2, 57], lut[255])
+    np.testing.assert_array_equal(hm[37, 2], lut[0])
+
+
+def test_overlay_without_box():
+    img = _image()
+    m = np.random.default_rng(1).random((4, 4))
+    out = ov.overlay(img, m, alpha=0.5)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    hm = ov.heatmap(m, (120, 90))
+    expected = np.round(0.5 * img.astype(float) + 0.5 * hm.astype(float))
+    assert np.abs(out.astype(float) - expected).max() <= 1
+    assert out is not img and not np.shares_memory(out, img)
+
+
+def test_overlay_with_box_dims_outside():
+    img = _image(100, 150)
+    box = (25.0, 10.0, 125.0, 90.0)
+    m = np.random.default_rng(2).random((5, 5))
+    out = ov.overlay(img, m, box=box, alpha=0.6, dim_outside=0.35)
+    assert out.shape == (100, 150, 3) and out.dtype == np.uint8
+    outside = np.ones((100, 150), bool)
+    outside[10:90, 25:125] = False
+    dimmed = np.round(img.astype(float) * 0.35)
+    assert np.abs(out[outside].astype(float) - dimmed[outside]).max() <= 1
+    assert out[outside].mean() < img[outside].mean() * 0.4
+    inside = out[10:90, 25:125].astype(float)
+    hm = ov.heatmap(m, (100, 80)).astype(float)
+    expected = 0.4 * img[10:90, 25:125].astype(float) + 0.6 * hm
+    assert np.abs(inside - expected).max() <= 1
+
+
+def test_overlay_alpha_extremes():
+    img = _image(40, 40)
+    m = np.random.default_rng(3).random((2, 2))
+    np.testing.assert_array_equal(ov.overlay(img, m, alpha=0.0), img)
+    np.testing.assert_array_equal(ov.overlay(img, m, alpha=1.0), ov.heatmap(m, (40, 40)))
+
+
+def test_overlay_with_explanation_box(vit_model):
+    import explorer
+    from explorer.analysis import patch_map, rollout_row
+
+    img = _image(70, 130, seed=4)
+    e = explorer.explain(vit_model, img)
+    row = rollout_row(e.attention, e.layout.default_query(), num_prefix=e.layout.num_prefix)
+    out = ov.overlay(img, patch_map(row, e.layout.num_prefix, e.layout.grid), box=e.box)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    x0 = int(round(e.box[0]))
+    assert x0 > 0
+    left = out[:, : x0 - 1].astype(float) - img[:, : x0 - 1].astype(float) * 0.35
+    assert np.abs(left).max() <= 1  # dimmed, not covered
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_patch_grid(grid):
+    img = np.zeros((120, 200, 3), np.uint8)
+    out = ov.patch_grid(img, grid, first_index=1, highlight=2)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert not img.any()  # input untouched
+    rows, cols = grid
+    y = round(120 / rows)  # the first horizontal line
+    assert out[y, 5:195].mean() > 100
+    x = round(200 / cols)
+    assert out[5:115, x].mean() > 100
+    # highlighted patch 2 is outlined in cyan (0, 255, 255) in RGB
+    r, c = divmod(2, cols)
+    cw, ch = 200 / cols, 120 / rows
+    edge = out[int(r * ch) + 1, int(c * cw) + int(cw // 2)]
+    assert edge[1] > 200 and edge[2] > 200 and edge[0] < 60
+
+
+def test_mark_patch_and_mask_outline():
+    img = np.zeros((100, 100, 3), np.uint8)
+    out = ov.mark_patch(img, (4, 4), 5, box=(10, 10, 90, 90))
+    assert out.shape == img.shape and out[30, 50].tolist() != [0, 0, 0]  # patch (1, 1) top edge y=30
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:48] = True
+    out = ov.mask_outline(img, mask, box=(0, 0, 100, 100))
+    assert out.shape == img.shape and out[..., 1].max() > 0 and out[50, 50].tolist() == [0, 0, 0]
+
+
+def test_upscale_nearest():
+    img = _image(64, 48)
+    big = ov.upscale_nearest(img, 384)
+    assert big.shape == (64 * 8, 48 * 8, 3)
+    np.testing.assert_array_equal(big[::8, ::8], img)
+    assert ov.upscale_nearest(_image(400, 500)).shape == (400, 500, 3)
+
+
+def test_tile_maps_shape_and_content():
+    maps = np.random.default_rng(0).random((2, 3, 4, 4))
+    out = ov.tile_maps(maps, size=20, pad=2)
+    assert out.shape == (2 * 22 + 2, 3 * 22 + 2, 3) and out.dtype == np.uint8
+    assert (out[0, :] == 255).all() and (out[:, 0] == 255).all()  # padding is white
+    y, x = 2 + 1 * 22, 2 + 2 * 22  # tile (1, 2)
+    np.testing.assert_array_equal(out[y:y + 20, x:x + 20], ov.heatmap(maps[1, 2], (20, 20), smooth=False))
+
+
+def test_figure_tile_with_nan_gaps():
+    from explorer.render.figures import tile
+
+    stack = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    t = tile(stack)
+    assert t.shape == (2 * 5 - 1, 3 * 6 - 1)
+    np.testing.assert_array_equal(t[5:9, 12:17], stack[1, 2])
+    assert np.isnan(t[4]).all() and np.isnan(t[:, 5]).all()
+
+
+def test_layer_head_grid_figure():
+    from explorer.render.figures import layer_head_grid
+
+    maps = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
+    fig = layer_head_grid(maps, title="t", layer_label="layer", head_label="head", value_label="w")
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (2 * 5 - 1, 3 * 5 - 1)
+    np.testing.assert_allclose(z[5:9, 10:14], maps[1, 2] / maps[1, 2].max(), rtol=1e-6)
+    raw = np.asarray(fig.data[0].customdata, dtype=float)[..., 3]
+    np.testing.assert_allclose(raw[5:9, 10:14], maps[1, 2], rtol=1e-6)
