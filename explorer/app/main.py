@@ -22,6 +22,18 @@ CSS = (Path(__file__).with_name("style.css")).read_text(encoding="utf-8")
 HEAD = (Path(__file__).with_name("hover.js")).read_text(encoding="utf-8")
 
 
+def merge(out: dict, new: dict) -> dict:
+    """Add ``new`` updates to ``out``; two updates of one component combine (label + value)."""
+    for comp, val in new.items():
+        old = out.get(comp)
+        if isinstance(old, dict) and old.get("__type__") == "update":
+            out[comp] = {**old, **val} if isinstance(val, dict) and val.get("__type__") == "update" else \
+                {**old, "value": val}
+        else:
+            out[comp] = val
+    return out
+
+
 def _err(lang: str, e: BaseException) -> gr.Error:
     msg = str(e) if isinstance(e, H.UserError) else error_text(lang, e)
     return gr.Error(msg, title="⚠️", print_exception=False)
@@ -108,8 +120,8 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                 ui.status: status}
 
     # --- heavy events: one forward pass each -----------------------------------------------
-    def on_image(path, s, lang, ms, *rest):
-        ctl, inner_layer, kernel, stride = list(rest[:5]), rest[5], rest[6], rest[7]
+    def on_image(path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
+        ctl = [fusion, discard, start_layer, opacity, show_mask]
         if not path:
             return {c: gr.update() for c in views_out + [state]}
         try:
@@ -124,7 +136,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     ui.image.change(on_image, [ui.image, state, ui.lang, model_state] + view_inputs, [state] + views_out,
                     api_name="explain", concurrency_id="model", show_progress="minimal")
 
-    def on_load(spec, ck, arch, path, s, lang, ms, *rest):
+    def on_load(spec, checkpoint, arch, path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask,
+                inner_layer, kernel, stride):
+        ck = checkpoint
         previous = ms.get("spec")
         try:
             loaded, status = H.load(spec, ck, arch, lang, previous)
@@ -140,7 +154,8 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
             try:
                 new = H.explain_file(loaded, path, lang, new_ms["spec"])
                 ps = loaded.facts.patch_size[0]
-                out.update(everything(new, lang, new_ms, list(rest[:5]), rest[5], ps, ps))
+                out.update(everything(new, lang, new_ms, [fusion, discard, start_layer, opacity, show_mask],
+                                      inner_layer, ps, ps))
                 out[state] = new
             except (H.UserError, ExplorerError) as e:
                 gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
@@ -152,37 +167,37 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     ui.model.input(on_load, load_in, load_out, api_name=False, concurrency_id="model")
 
     # --- light events: answered from the session's Explanation -------------------------------
-    def on_controls(s, lang, *rest):
-        return attention(s, lang, *rest)
+    def on_controls(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer):
+        return attention(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
 
     attn_in = [state, ui.lang] + controls + [ui.inner_layer]
     gr.on([ui.fusion.input, ui.discard.release, ui.start_layer.release, ui.opacity.release, ui.show_mask.input,
            ui.inner_layer.release], on_controls, attn_in, attn_out, api_name="attention",
           concurrency_limit=4, show_progress="hidden")
 
-    def on_click(s, lang, *rest, evt: gr.SelectData):
+    def on_click(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer, evt: gr.SelectData):
         new = H.click(s, evt.index)
-        out = attention(new, lang, *rest)
+        out = attention(new, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
         out[state] = new
         return out
 
     ui.overlay.select(on_click, attn_in, attn_out + [state], api_name=False, concurrency_limit=4,
                       show_progress="hidden")
 
-    def on_query(token, s, lang, *rest):
+    def on_query(token, s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer):
         try:
             new = H.set_query(s, None if token is None else int(token))
         except ExplorerError as e:
             raise _err(lang, e) from None
-        out = attention(new, lang, *rest)
+        out = attention(new, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
         out[state] = new
         return out
 
     q_in = [ui.query, state, ui.lang] + controls + [ui.inner_layer]
     ui.query.submit(on_query, q_in, attn_out + [state], api_name="set_query", concurrency_limit=4)
 
-    def on_reset(s, lang, *rest):
-        return on_query(None, s, lang, *rest)
+    def on_reset(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer):
+        return on_query(None, s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
 
     ui.reset.click(on_reset, attn_in, attn_out + [state], api_name="reset_query", concurrency_limit=4)
 
@@ -214,11 +229,12 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     # --- language and start-up -----------------------------------------------------------------
     text_comps = [c for c, _ in ui.T.items]
 
-    def on_lang(lang, s, ms, *rest):
+    def on_lang(lang, s, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
         out = dict(zip(text_comps, ui.T.updates(lang)))
-        out.update(model_views(ms, lang, ""))
+        merge(out, model_views(ms, lang, ""))
         if s.exp is not None:
-            out.update(everything(s, lang, ms, list(rest[:5]), rest[5], rest[6], rest[7]))
+            merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask], inner_layer,
+                                  kernel, stride))
         return out
 
     ui.lang.input(on_lang, [ui.lang, state, model_state] + view_inputs,
@@ -231,10 +247,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         out[ui.lang] = lang
         try:
             loaded, status = H.load(ui.default_model, None, None, lang)
-            out.update(model_views(ms, lang, status))
+            merge(out, model_views(ms, lang, status))
             ps = loaded.facts.patch_size[0]
-            out[ui.kernel] = {**out[ui.kernel], "value": ps}  # merged: it also carries the label
-            out[ui.stride] = {**out[ui.stride], "value": ps}
+            merge(out, {ui.kernel: gr.update(value=ps), ui.stride: gr.update(value=ps)})
             shapes = H.examples("shapes")
             if shapes and ui.image.value is None:
                 out[ui.image] = TS.default_example(shapes)

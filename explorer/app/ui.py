@@ -55,6 +55,22 @@ def _choices(lang: str, name: str) -> list[tuple[str, str]]:
     return [(t(lang, k), v) for k, v in _CHOICE_KEYS[name]]
 
 
+class UploadedImage(gr.Image):
+    """``gr.Image`` that hands an upload over as a path, undecoded.
+
+    ``gr.Image`` opens every upload with PIL before the event handler runs, so a decompression
+    bomb or a text file named ``.png`` would fail inside Gradio with a generic error;
+    :func:`explorer.images.decode` checks size and format first and says what is wrong.
+    """
+
+    is_template = True  # rendered by the front end's Image component
+
+    def preprocess(self, payload):  # type: ignore[override]
+        if payload is None or (payload.url or "").startswith("data:"):
+            return super().preprocess(payload)
+        return str(payload.path)
+
+
 class UI:
     """Holds the components so wiring can refer to them by name."""
 
@@ -83,7 +99,7 @@ def create_sidebar(ui: UI) -> None:
         ui.ck_arch = T(gr.Textbox(placeholder="vit_base_patch16_224"), label="checkpoint_arch")
     ui.load_btn = T(gr.Button("Load model", variant="secondary", elem_id="load"), value="load")
     ui.status = gr.Markdown(elem_id="status")
-    ui.image = T(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+    ui.image = T(UploadedImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
                           height=260, elem_id="image"), label="image")
     shapes = H.examples("shapes")
     photos = H.examples("photos")

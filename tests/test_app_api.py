@@ -1,0 +1,214 @@
+"""Every public endpoint of the running app through gradio_client, checked against independent
+computations in this process (the bundled classroom models, no network)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _app import app_url, real_assets  # noqa: F401  (fixtures)
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "assets" / "examples" / "shapes"
+CONTROLS = dict(fusion="mean", discard=0.0, start_layer=0, opacity=0.55, show_mask=True, inner_layer=0)
+# /explain and /load_model return the views in this order
+VIEWS = ["overlay", "caption", "layer_head", "inner_img", "inner_md", "query", "grid_img", "pipeline", "conv_note",
+         "overlap", "cost", "pos_plot", "pos_md", "pixel_plot", "mad_plot", "mad_md", "pred", "notes", "start_layer",
+         "inner_layer", "tsne_layer"]
+ATTN = VIEWS[:6]
+
+
+def example(name: str = "star") -> Path:
+    return sorted((EXAMPLES / name).glob(f"{name}_*[0-9].png"))[0]
+
+
+class Trace(dict):
+    """One plotly trace with its arrays decoded (plotly sends them as base64 typed arrays)."""
+
+    def __getattr__(self, key):
+        return arr(self.get(key))
+
+
+def arr(v):
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = v.get("shape")
+        if shape:
+            a = a.reshape([int(n) for n in str(shape).split(",")])
+        return a
+    if isinstance(v, list):
+        return np.array([arr(x) for x in v]) if v and isinstance(v[0], dict) else np.array(v, dtype=object) \
+            if v and isinstance(v[0], (list, str)) else np.array(v)
+    return v
+
+
+def plot_data(value) -> list:
+    return [Trace(d) for d in json.loads(value["plot"])["data"]]
+
+
+def all_text(out) -> str:
+    """Every string in an endpoint's outputs, including those inside component updates."""
+    if isinstance(out, str):
+        return out
+    if isinstance(out, dict):
+        return " ".join(all_text(v) for v in out.values())
+    if isinstance(out, (list, tuple)):
+        return " ".join(all_text(v) for v in out)
+    return ""
+
+
+def naive_rollout_row(attention: np.ndarray, query: int) -> np.ndarray:
+    """Abnar & Zuidema with explicit matrices: R = Â_L … Â_1, Â = 0.5·mean_h(A) + 0.5·I, rows renormalised."""
+    T = attention.shape[-1]
+    R = np.eye(T)
+    for layer in range(attention.shape[0]):
+        A = 0.5 * attention[layer].astype(np.float64).mean(0) + 0.5 * np.eye(T)
+        A /= A.sum(-1, keepdims=True)
+        R = A @ R
+    return R[query]
+
+
+@pytest.fixture(scope="module")
+def client(app_url):  # noqa: F811
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def _assets(real_assets):  # noqa: F811
+    yield
+
+
+def explain(client, path, lang="en", **ctl):
+    c = {**CONTROLS, **ctl}
+    out = client.predict(handle_file(str(path)), lang, c["fusion"], c["discard"], c["start_layer"], c["opacity"],
+                         c["show_mask"], c["inner_layer"], 8, 8, api_name="/explain")
+    return dict(zip(VIEWS, out))
+
+
+def test_explain_matches_an_independent_computation(client):
+    from explorer import explain as explain_py, load_model
+    from explorer.app.views import object_patches
+    from explorer.images import decode
+
+    path = example("star")
+    v = explain(client, path)
+    overlay = np.asarray(Image.open(v["overlay"]))
+    assert overlay.shape == (448, 448, 3)  # the 64-px scene, enlarged for the projector
+
+    model = load_model("classroom-vit")
+    img = decode(path.read_bytes()).array
+    exp = explain_py(model, img)
+    # prediction: same top-5 labels and probabilities as the library computes here
+    conf = {c["label"]: c["confidence"] for c in v["pred"]["confidences"]}
+    for idx, label, p in exp.topk:
+        assert conf[label] == pytest.approx(p, abs=1e-4)
+    # the caption's share of rollout on the object, from a naive rollout written from the paper
+    row = naive_rollout_row(exp.attention, 0)
+    pmap = row[exp.layout.num_prefix:].reshape(exp.layout.grid)
+    mask = decode(path.with_name(path.stem + ".mask.png").read_bytes()).array[..., 0] > 127
+    obj = object_patches(mask, exp.box, exp.layout)
+    share = pmap[obj].sum() / pmap.sum()
+    shown = int(re.search(r"\*\*(\d+)%\*\*", v["caption"]).group(1))
+    assert shown == round(100 * share)
+    # the layer × head grid: L×H tiles of the model's grid, NaN gaps between them
+    z = np.array(plot_data(v["layer_head"])[0].z, dtype=float)
+    L, H = exp.num_layers, exp.num_heads
+    assert z.shape == (L * 9 - 1, H * 9 - 1)
+    assert v["query"] == 0 and v["start_layer"]["maximum"] == L - 1
+    # mean attention distance plot: one trace per head with L points
+    heads = [d for d in plot_data(v["mad_plot"]) if d.mode == "markers"]
+    assert len(heads) == H and all(len(d.y) == L for d in heads)
+    from explorer.analysis.distance import mean_attention_distance
+    mad = mean_attention_distance(exp.attention, exp.layout)
+    np.testing.assert_allclose([d.y for d in heads], mad.T, rtol=1e-5)
+    # position embeddings: three panels, learned similarity has a unit diagonal
+    pos = plot_data(v["pos_plot"])
+    assert len(pos) == 3
+    assert "64" in v["pos_md"]
+    # patch grid view shows the model's own 8×8 grid and the tensor shapes
+    assert "65 × 96" in v["pipeline"].replace("`", "") and "kernel_size=(8, 8), stride=(8, 8)" in v["conv_note"]
+
+
+def test_controls_and_queries_answer_from_the_cache(client):
+    from explorer import explain as explain_py, load_model
+    from explorer.images import decode
+
+    path = example("cross")
+    explain(client, path)
+    exp = explain_py(load_model("classroom-vit"), decode(path.read_bytes()).array)
+    out = dict(zip(ATTN, client.predict("en", "max", 0.5, 2, 0.7, False, 0, api_name="/attention")))
+    assert "class token" in out["caption"]
+    assert "Share of rollout" in out["caption"]  # the mask is known even when its outline is hidden
+    token = exp.layout.token_of_patch(3, 4)
+    out = dict(zip(ATTN, client.predict(token, "en", "mean", 0.0, 0, 0.55, True, 0, api_name="/set_query")))
+    assert out["query"] == token
+    assert "patch 28 (row 3, col 4)" in out["caption"]
+    z = np.asarray(plot_data(out["layer_head"])[0].customdata, dtype=float)[..., 3]  # raw weights in hover data
+    top_left = z[:8, :8]  # layer 0, head 0
+    np.testing.assert_allclose(top_left, exp.attention[0, 0, token, 1:].reshape(8, 8), atol=1e-4)
+    out = dict(zip(ATTN, client.predict("en", "mean", 0.0, 0, 0.55, True, 0, api_name="/reset_query")))
+    assert out["query"] == 0
+    with pytest.raises(AppError, match="outside"):
+        client.predict(999, "en", "mean", 0.0, 0, 0.55, True, 0, api_name="/set_query")
+
+
+def test_patches_overlap_calculator(client):
+    explain(client, example("ring"))
+    grid, pipe, fig, text = client.predict("en", 16, 8, api_name="/patches")
+    # 64-px image, kernel 16, stride 8: (64-16)/8+1 = 7 per side -> 49 tokens; stride 16 -> 16 tokens
+    assert "7×7 = 49 tokens" in text
+    assert f"{(49 ** 2) / (16 ** 2):.1f}×" in text
+    bars = plot_data(fig)[0]
+    assert list(bars.y) == [((64 - 16) // s + 1) ** 2 for s in range(1, 17)]
+
+
+def test_language_switch_translates_everything(client):
+    explain(client, example("square"))
+    out = client.predict("zh-CN", "mean", 0.0, 0, 0.55, True, 0, 8, 8, api_name="/set_language")
+    texts = all_text(out)
+    assert "类别 token" in texts and "图像块" in texts and "怎么看" in texts
+
+
+def test_tsne_side_by_side_with_silhouette(client):
+    fig, text = client.predict("bundled", 5, 6, [], "label", True, "en", api_name="/tsne")
+    assert "40 images" in text
+    data = plot_data(fig)
+    panels = json.loads(fig["plot"])["layout"]["annotations"]
+    assert len(panels) == 2 and all("silhouette" in a["text"] for a in panels)
+    assert sum(len(d.x) for d in data) == 80  # 40 images in each of two panels
+
+
+def test_tnt_shows_inner_attention(client):
+    c = CONTROLS
+    out = client.predict("classroom-tnt", None, "", handle_file(str(example("star"))), "en", c["fusion"],
+                         c["discard"], c["start_layer"], c["opacity"], c["show_mask"], 0, 8, 8, api_name="/load_model")
+    texts = all_text(out)
+    assert "inner" in texts.lower() and "4×4" in texts
+    v = dict(zip(VIEWS, out[6:]))  # model, kernel, stride, card, curve, status come first
+    inner = np.asarray(Image.open(v["inner_img"]))
+    assert inner.shape[0] >= 192 and inner.ndim == 3
+    assert "inner attention inside patch" in v["inner_md"]
+
+
+def test_bad_inputs_get_clear_messages(client, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("<html><body>not an image</body></html>")
+    with pytest.raises(AppError, match="not an image"):
+        explain(client, fake)
+    c = CONTROLS
+    out = client.predict("resnet18", None, "", None, "en", c["fusion"], c["discard"], c["start_layer"], c["opacity"],
+                         c["show_mask"], 0, 8, 8, api_name="/load_model")
+    assert any(isinstance(o, str) and "not a family this explorer supports" in o for o in out)
+    # the previous model still works
+    v = explain(client, example("circle"))
+    assert v["pred"]["label"]
