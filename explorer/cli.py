@@ -18,52 +18,28 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def _explain(a: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from . import analysis, load_model
     from .capture import explain
     from .errors import ExplorerError
+    from .export import artefacts, write_folder
     from .images import decode
-    from .render import overlay
-    from PIL import Image
 
     model = load_model(a.model, pretrained=not a.random, checkpoint=a.checkpoint)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     opts = analysis.RolloutOptions(head_fusion=a.fusion, discard_ratio=a.discard, start_layer=a.start_layer)
     failures = 0
     for path in tqdm(a.images, unit="img", disable=a.quiet):
-        stem = Path(path).stem
         try:
             img = decode(path).array
             exp = explain(model, img)
+            q = exp.layout.default_query() if a.query is None else a.query
+            files = artefacts(exp, img, opts, q, model.name)
+            write_folder(files, out / Path(path).stem)
         except ExplorerError as err:
             print(f"{path}: {err}", file=sys.stderr)
             failures += 1
-            continue
-        lay = exp.layout
-        q = lay.default_query() if a.query is None else a.query
-        row = analysis.rollout_row(exp.attention, q, opts, lay.num_prefix)
-        pmap = analysis.patch_map(row, lay.num_prefix, lay.grid)
-        d = out / stem
-        d.mkdir(exist_ok=True)
-        Image.fromarray(overlay.overlay(img, pmap, box=exp.box)).save(d / "rollout.png")
-        Image.fromarray(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
-                                           first_index=lay.num_prefix)).save(d / "patches.png")
-        maps = analysis.query_maps(exp.attention, q, lay)
-        Image.fromarray(overlay.tile_maps(maps)).save(d / "layers_heads.png")
-        for layer in range(exp.num_layers):
-            Image.fromarray(overlay.overlay(img, maps[layer].mean(0), box=exp.box)).save(d / f"layer{layer:02d}.png")
-        np.savez_compressed(d / "arrays.npz", attention=exp.attention, tokens=exp.tokens, logits=exp.logits,
-                            rollout=row, crop=exp.crop)
-        (d / "summary.json").write_text(json.dumps({
-            "image": str(path), "model": model.name, "family": exp.family,
-            "prediction": [{"class": i, "label": lb, "prob": p} for i, lb, p in exp.topk],
-            "layout": {"prefix": list(lay.prefix_roles), "grid": list(lay.grid), "patch": list(lay.patch_size)},
-            "crop_box": list(exp.box), "query": q,
-            "rollout": {"head_fusion": a.fusion, "discard_ratio": a.discard, "start_layer": a.start_layer},
-            "notes": [c for c, _ in exp.notes]}, indent=1, ensure_ascii=False))
     return 1 if failures == len(a.images) else 0
 
 

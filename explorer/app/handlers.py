@@ -187,3 +187,23 @@ def timed(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
+
+
+def export(s: views.Session, lang: str, ctl: Controls, folder: str | None = None) -> str:
+    """Write the current explanation (overlays, per-layer maps, arrays, summary) as one zip."""
+    import tempfile
+
+    from .. import analysis
+    from ..export import artefacts, write_zip
+
+    if s.exp is None or s.image is None:
+        raise UserError(t(lang, "no_image"))
+    opts = analysis.RolloutOptions(head_fusion=ctl.fusion, discard_ratio=float(ctl.discard),
+                                   start_layer=int(min(ctl.start_layer, s.exp.num_layers - 1)))
+    base = Path(folder or os.environ.get("VIT_EXPLORER_EXPORT_DIR") or Path(tempfile.gettempdir()) / "vit-explorer-exports")
+    name = f"explanation-{_digest(s.exp.crop.tobytes())[:10]}-q{s.query_token()}.zip"
+    try:
+        files = artefacts(s.exp, s.image, opts, s.query_token(), s.model)
+        return str(write_zip(files, base / name))
+    except ExplorerError as err:
+        raise fail(lang, err) from err

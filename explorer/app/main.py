@@ -213,6 +213,16 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     gr.on([ui.kernel.release, ui.stride.release], on_patches, [state, ui.lang, ui.kernel, ui.stride],
           [ui.grid_img, ui.pipeline, ui.cost, ui.overlap], api_name="patches", concurrency_limit=4)
 
+    def on_export(s, lang, fusion, discard, start_layer, opacity, show_mask):
+        try:
+            path = H.export(s, lang, H.Controls(fusion, float(discard), int(start_layer or 0), opacity, show_mask))
+        except H.UserError as e:
+            raise _err(lang, e) from None
+        return gr.update(value=path, visible=True)
+
+    ui.export_btn.click(on_export, [state, ui.lang] + controls, ui.export_file, api_name="export",
+                        concurrency_limit=2)
+
     # --- t-SNE -------------------------------------------------------------------------------
     def on_tsne(ms, source, count, layer, files, colour, compare, lang, cache, progress=gr.Progress()):
         try:

@@ -128,6 +128,8 @@ def create_attention_tab(ui: UI) -> None:
                 ui.show_mask = T(gr.Checkbox(value=True, elem_id="show_mask"), label="show_mask")
                 ui.query = T(gr.Number(value=None, precision=0, elem_id="query"), label="query", info="query_info")
                 ui.reset = T(gr.Button("Back to the class token", size="sm", elem_id="reset"), value="reset_query")
+                ui.export_btn = T(gr.Button("Download", size="sm", elem_id="export"), value="export")
+                ui.export_file = gr.File(visible=False, interactive=False, elem_id="export_file")
         ui.layer_head = gr.Plot(show_label=False, elem_id="layer_head")
         with gr.Row(visible=False) as ui.inner_row:
             ui.inner_img = gr.Image(type="numpy", interactive=False, show_label=False, height=220, elem_id="inner")

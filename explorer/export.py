@@ -1,0 +1,103 @@
+"""Write one explanation to disk: rollout overlay, patch grid, per-layer maps, arrays, summary.
+
+Used by ``vit-explorer explain`` (a folder per image) and by the app's download button (one zip).
+Files are written under a temporary name and renamed when complete, so a full disk or an
+unwritable folder leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import analysis
+from .capture import Explanation
+from .errors import ExplorerError
+from .render import overlay
+
+
+class ExportError(ExplorerError):
+    """The files could not be written (disk full, folder not writable)."""
+
+    code = "disk"
+
+
+def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions, query: int,
+              model_name: str) -> dict[str, bytes]:
+    """Every file of an explanation, in memory: ``{name: bytes}``."""
+    lay = exp.layout
+    row = analysis.rollout_row(exp.attention, query, opts, lay.num_prefix)
+    pmap = analysis.patch_map(row, lay.num_prefix, lay.grid)
+    maps = analysis.query_maps(exp.attention, query, lay)
+
+    def png(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = {
+        "rollout.png": png(overlay.overlay(image, pmap, box=exp.box)),
+        "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
+                                              first_index=lay.num_prefix)),
+        "layers_heads.png": png(overlay.tile_maps(maps)),
+    }
+    for layer in range(exp.num_layers):
+        files[f"layer{layer:02d}.png"] = png(overlay.overlay(image, maps[layer].mean(0), box=exp.box))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, attention=exp.attention, tokens=exp.tokens, logits=exp.logits, rollout=row,
+                        crop=exp.crop)
+    files["arrays.npz"] = buf.getvalue()
+    files["summary.json"] = json.dumps({
+        "model": model_name, "family": exp.family,
+        "prediction": [{"class": i, "label": lb, "prob": p} for i, lb, p in exp.topk],
+        "layout": {"prefix": list(lay.prefix_roles), "grid": list(lay.grid), "patch": list(lay.patch_size)},
+        "crop_box": list(exp.box), "image_size": list(exp.image_size), "query": query,
+        "rollout": {"head_fusion": opts.head_fusion, "discard_ratio": opts.discard_ratio,
+                    "start_layer": opts.start_layer},
+        "notes": [c for c, _ in exp.notes]}, indent=1, ensure_ascii=False).encode()
+    return files
+
+
+def _disk_error(err: OSError, where: Path) -> ExportError:
+    return ExportError(f"Could not write to {where}: {err.strerror or err}. Nothing was left half-written; "
+                       "free some space or choose a writable folder.", code="disk", path=str(where))
+
+
+def write_folder(files: dict[str, bytes], out: Path) -> Path:
+    """Write the files into ``out`` (created), all or nothing."""
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+    except OSError as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(err, out) from None
+
+
+def write_zip(files: dict[str, bytes], out: Path) -> Path:
+    """Write the files as one zip at ``out``, all or nothing."""
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        os.replace(tmp, out)
+        return out
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(err, out) from None

@@ -1,0 +1,98 @@
+"""The benchmark runs end to end with tiny settings and reports every target.
+
+This checks that ``vit-explorer bench`` works and what it reports, never how fast anything is: the
+timings on a shared test machine mean nothing, so no assertion looks at them.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from explorer import bench
+
+#: Every target of the issue, as the rows that carry it ("[model]": vit = ViT-B/16 @224 role,
+#: hightok = the 1370-token role, tnt = TNT). Cold-start rows are skipped under --quick.
+TARGETS = [
+    "explain.b1[vit]", "explain.b1[hightok]", "explain.b1[tnt]",
+    "explain.batch[vit]", "explain.batch[tnt]",
+    "compare.hooks[vit]", "compare.hooks[hightok]", "compare.hooks[tnt]",
+    "compare.attention_extract[vit]", "compare.attention_extract[hightok]", "compare.attention_extract[tnt]",
+    "views.computed[vit]", "views.computed[hightok]", "views.computed[tnt]",
+    "views.app[vit]", "views.app[hightok]", "views.app[tnt]",
+    "slider.latency[vit]", "slider.latency[hightok]", "slider.latency[tnt]",
+    "slider.forward_passes[vit]", "slider.forward_passes[hightok]", "slider.forward_passes[tnt]",
+    "rollout.speedup[hightok]", "rollout.agree[hightok]", "rollout.vs_hand[hightok]", "rollout.vs_hand[vit]",
+    "memory.attention[hightok]", "memory.f16_error[hightok]",
+    "embed.throughput[vit]", "embed.tsne[vit]",
+]
+SKIPPED_IN_QUICK = ["import.light[explorer]", "import.light[explorer.capture]"]
+REPORTED = ["explain.public[vit]", "compare.capture_hooks[vit]", "compare.capture_ae[vit]",
+            "slider.latency_photo[vit]", "rollout.speedup[vit]", "memory.peak_explain[hightok]",
+            "embed.forward_only[vit]", "cold.first_page", "cold.first_explain", "cold.cli_explain",
+            "import.explorer", "import.gradio"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    rc = bench.main(["--quick", "--threads", "1", "--json", str(path)])
+    assert rc == 0  # without --strict a missed target never fails the command
+    return json.loads(path.read_text())
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_every_target_row_has_a_number(report):
+    rows = {r["id"]: r for r in report["rows"]}
+    missing = [t for t in TARGETS if t not in rows]
+    assert not missing, f"target rows missing: {missing}"
+    for t in TARGETS:
+        r = rows[t]
+        assert r["status"] in ("PASS", "FAIL"), (t, r["status"], r["note"])
+        assert _num(r["value"]), (t, r["value"])
+        assert _num(r["threshold"]) and r["op"] in ("<=", ">="), t
+        assert r["target"], t
+
+
+def test_timed_rows_carry_median_min_max(report):
+    for r in report["rows"]:
+        for side in ("ours", "ref"):
+            s = r[side]
+            if s is None:
+                continue
+            assert s["n"] >= 1 and len(s["times_s"]) == s["n"], r["id"]
+            assert s["min_s"] <= s["median_s"] <= s["max_s"], r["id"]
+
+
+def test_other_rows_present_and_cold_start_skipped_in_quick(report):
+    rows = {r["id"]: r for r in report["rows"]}
+    for rid in REPORTED + SKIPPED_IN_QUICK:
+        assert rid in rows, rid
+    for rid in ("cold.first_page", "cold.first_explain", "import.explorer") + tuple(SKIPPED_IN_QUICK):
+        assert rows[rid]["status"] == "skipped", rid
+    assert not [r["id"] for r in report["rows"] if r["status"] == "ERROR"], \
+        [(r["id"], r["note"]) for r in report["rows"] if r["status"] == "ERROR"]
+
+
+def test_no_forward_pass_behind_a_slider(report):
+    rows = {r["id"]: r for r in report["rows"]}
+    for key in ("vit", "hightok", "tnt"):
+        assert rows[f"slider.forward_passes[{key}]"]["value"] == 0
+
+
+def test_memory_reported_per_case_and_summary(report):
+    assert report["meta"]["memory_method"] in ("clear_refs", "sampled", "ru_maxrss")
+    for case, info in report["cases"].items():
+        if not info.get("skipped"):
+            assert _num(info["peak_mb"]) and info["peak_mb"] > 0, case
+    s = report["summary"]
+    assert s["targets"] == sum(v for k, v in s.items() if k not in ("targets", "failed"))
+
+
+def test_bad_arguments_are_refused():
+    assert bench.main(["--cases", "nonsense"]) == 2
+    assert bench.main(["--models", "resnet"]) == 2
