@@ -19,9 +19,7 @@ from torch import nn
 from . import analysis, families
 from .analysis import distance as dist
 from .analysis import posembed
-from .capture import Explanation, RawCapture, capture, label_names_for
-from .errors import CaptureError
-from .images import DataConfig, Prepared, decode, prepare
+from .capture import Batch, Explanation, build_explanations, capture, prepare_batch
 from .render import overlay
 
 
@@ -37,13 +35,11 @@ def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def prepared_batch(loaded: Any, images: Sequence[np.ndarray], device: torch.device
-                   ) -> tuple[torch.Tensor, list[Prepared], list[tuple[int, int]]]:
-    """Decode and preprocess like explain() does; the tensor moved to ``device``."""
-    cfg: DataConfig = loaded.data_config
-    ps = max(families.patch_size(loaded.model))
-    decoded = [decode(im) for im in images]
-    prep = [prepare(d.array, cfg, min_patch=ps) for d in decoded]
-    return torch.cat([p.tensor for p in prep]).to(device), prep, [d.size for d in decoded]
+                   ) -> tuple[torch.Tensor, Batch, list[tuple[int, int]]]:
+    """Decode and preprocess with the engine's own :func:`explorer.capture.prepare_batch`; the
+    tensor moved to ``device``."""
+    batch = prepare_batch(loaded, images)
+    return batch.x.to(device), batch, [d.size for d in batch.decoded]
 
 
 # ----------------------------------------------------------------------------- ours
@@ -57,55 +53,16 @@ def fused_flags(net: nn.Module) -> list[bool | None]:
     return [getattr(m, "fused_attn", None) for m in families.attention_modules(net)]
 
 
-def build_explanations(loaded: Any, raw: RawCapture, prepared: Sequence[Prepared],
-                       sizes: Sequence[tuple[int, int]], attention_dtype: str = "auto"
-                       ) -> list[Explanation]:
-    """The Explanation building of :func:`explorer.capture.explain_batch`, line for line, plus
-    ``.cpu()`` so that it also works on a GPU (the engine's version calls ``.numpy()`` on the
-    model's device)."""
-    from .capture import ATTENTION_FLOAT32_BUDGET
-
-    net, name = loaded.model, loaded.name
-    cfg = loaded.data_config
-    layout = families.layout_for(net, cfg.input_size)
-    logits = raw.logits.float().cpu()
-    probs = logits.softmax(-1)
-    names = label_names_for(loaded, logits.shape[-1])
-    k = min(5, logits.shape[-1])
-    top_p, top_i = probs.topk(k, dim=-1)
-    attn = torch.stack(raw.attention, 1)  # (B, L, H, T, T)
-    if attn.shape[-1] != layout.num_tokens:
-        raise CaptureError(f"captured {attn.shape[-1]} tokens, layout expects {layout.num_tokens}", code="layout")
-    nbytes = attn[0].numel() * 4
-    half = attention_dtype == "float16" or (attention_dtype == "auto" and nbytes > ATTENTION_FLOAT32_BUDGET)
-    attn_np = attn.to(torch.float16 if half else torch.float32).cpu().numpy()
-    tokens = torch.stack(raw.tokens, 1).float().cpu().numpy()  # (B, L + 1, T, D)
-    inner = None
-    if raw.inner_attention:
-        b, n = len(prepared), layout.num_patches
-        inner_t = torch.stack(raw.inner_attention, 0)  # (L, B * N, H_in, P, P)
-        inner = inner_t.reshape(inner_t.shape[0], b, n, *inner_t.shape[2:]).transpose(0, 1).float().cpu().numpy()
-    pos = {k2: v.float().cpu().numpy() for k2, v in families.position_embeddings(net).items()}
-    patch_emb = raw.patch_embeddings.float().cpu()
-    final = raw.final_tokens.float().cpu()
-    return [Explanation(
-        model_name=name, family=families.family_of(net), layout=layout, logits=logits[i].numpy(),
-        probs=probs[i].numpy(), topk=[(int(c), names[int(c)], float(pr)) for pr, c in zip(top_p[i], top_i[i])],
-        attention=attn_np[i], tokens=tokens[i], patch_embeddings=patch_emb[i].numpy(),
-        final_tokens=final[i].numpy(), crop=p.crop, box=p.box, image_size=size, position_embeddings=pos,
-        inner_attention=None if inner is None else inner[i], notes=[])
-        for i, (p, size) in enumerate(zip(prepared, sizes))]
-
-
-def ours_explain(loaded: Any, x: torch.Tensor, prepared: Sequence[Prepared], sizes: Sequence[tuple[int, int]],
+def ours_explain(loaded: Any, x: torch.Tensor, batch: Batch, sizes: Sequence[tuple[int, int]],
                  attention_dtype: str = "auto") -> list[Explanation]:
-    """Capture (one forward pass: logits, attention, token states) and build the Explanations."""
-    return build_explanations(loaded, capture(loaded.model, x), prepared, sizes, attention_dtype)
+    """Capture (one forward pass: logits, attention, token states) and build the Explanations,
+    with the engine's own functions (what :func:`explorer.explain_batch` runs after decoding)."""
+    return build_explanations(loaded, batch, capture(loaded.model, x, attention_dtype=attention_dtype))
 
 
-def ours_rollout_map(loaded: Any, x: torch.Tensor, prepared: Sequence[Prepared], sizes) -> np.ndarray:
+def ours_rollout_map(loaded: Any, x: torch.Tensor, batch: Batch, sizes) -> np.ndarray:
     """Our pipeline for "the class-token rollout map of one image"."""
-    exp = ours_explain(loaded, x, prepared, sizes)[0]
+    exp = ours_explain(loaded, x, batch, sizes)[0]
     lay = exp.layout
     row = analysis.rollout_row(exp.attention, lay.default_query(), analysis.RolloutOptions(), lay.num_prefix)
     return analysis.patch_map(row, lay.num_prefix, lay.grid)
@@ -263,14 +220,13 @@ def views_app(s: Any, loaded: Any, lang: str = "en", parts: dict[str, list[float
 
 
 def app_attention(s: Any, lang: str = "en", fusion: str = "mean", discard: float = 0.0, start: int = 0,
-                  opacity: float = 0.55, show_mask: bool = True, inner_layer: int = 0) -> tuple:
-    """The calls of ``attention()`` in explorer/app/main.py ``wire()`` (every slider and click)."""
+                  opacity: float = 0.55, show_mask: bool = True, inner_layer: int = 0, grid: bool = False) -> dict:
+    """What the app computes for one event (explorer/app/views.py ``attention_tab``): sliders leave
+    the layer × head grid as it is (``grid=False``), a click or a new query rebuilds it."""
     from .app import views
 
-    img, cap = views.rollout_view(s, lang, fusion=fusion, discard=discard, start_layer=int(start or 0),
-                                  opacity=opacity, show_mask=bool(show_mask))
-    inner, inner_md = views.inner_view(s, lang, int(inner_layer or 0))
-    return img, cap, views.layer_head_figure(s, lang), inner, inner_md, s.query_token()
+    return views.attention_tab(s, lang, fusion=fusion, discard=discard, start_layer=start, opacity=opacity,
+                               show_mask=show_mask, inner_layer=inner_layer, grid=grid)
 
 
 class ForwardCounter:

@@ -65,11 +65,11 @@ def _events(L: int, tokens: int, tnt: bool, rng: np.random.Generator) -> dict[st
         from .app import views
         disp_h, disp_w = views.display_image(s).shape[:2]
         s2 = H.click(s, (float(rng.uniform(0, disp_w)), float(rng.uniform(0, disp_h))))
-        return s2, app_attention(s2)
+        return s2, app_attention(s2, grid=True)
 
     def query(s):
         s2 = H.set_query(s, int(rng.integers(0, tokens)))
-        return s2, app_attention(s2)
+        return s2, app_attention(s2, grid=True)
 
     ev = {"fusion": control("fusion", ["max", "min", "mean"]),
           "discard": control("discard", [0.5, 0.9, 0.0]),

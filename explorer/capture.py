@@ -67,6 +67,21 @@ class Explanation:
     position_embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # "patch": (N, D) ...
     inner_attention: np.ndarray | None = None  # TNT: (L, N, H_in, P_in, P_in)
     notes: list[tuple[str, dict]] = field(default_factory=list)  # from decoding (first frame, ...)
+    #: derived arrays kept for repeated views (fused rollout layers per setting); never part of
+    #: the results, cleared freely
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def fused(self, opts: Any) -> np.ndarray:
+        """Rollout's fused layers ``Â`` for ``opts`` (an analysis.RolloutOptions), kept for the last
+        few settings so a slider or a click costs L vector–matrix products, not a re-fusion."""
+        from .analysis.rollout import fused_layers
+
+        key = ("fused", opts)
+        if key not in self.cache:
+            for old in [k for k in self.cache if k[0] == "fused"][:-1]:  # keep at most two settings
+                del self.cache[old]
+            self.cache[key] = fused_layers(self.attention, opts, self.layout.num_prefix)
+        return self.cache[key]
 
     @property
     def num_layers(self) -> int:
@@ -128,21 +143,36 @@ class RawCapture:
     """Batched tensors of one capture, before they are split per image."""
 
     logits: torch.Tensor  # (B, C)
-    attention: list[torch.Tensor]  # L x (B, H, T, T)
+    attention: torch.Tensor | None  # (B, L, H, T, T) in the storage dtype; None without attention
     tokens: list[torch.Tensor]  # (L + 1) x (B, T, D)
     patch_embeddings: torch.Tensor  # (B, N, D)
     final_tokens: torch.Tensor  # (B, T, D)
     inner_attention: list[torch.Tensor]  # TNT: L x (B * N, H_in, P, P)
 
 
-def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True) -> RawCapture:
+def storage_dtype(batch: int, layers: int, heads: int, tokens: int, attention_dtype: str = "auto") -> torch.dtype:
+    """float32 within :data:`ATTENTION_FLOAT32_BUDGET` per image, else float16."""
+    if attention_dtype == "float16":
+        return torch.float16
+    if attention_dtype == "float32":
+        return torch.float32
+    return torch.float16 if layers * heads * tokens * tokens * 4 > ATTENTION_FLOAT32_BUDGET else torch.float32
+
+
+def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
+            attention_dtype: str = "auto") -> RawCapture:
     """Run ``model`` once on a normalised batch ``x`` and record attention and token states.
+
+    Each layer's attention is copied, as it is produced, into one preallocated CPU buffer
+    ``(B, L, H, T, T)`` of the storage dtype: no per-layer list, no stacking copy, so the peak is
+    the buffer plus one layer.
 
     Args:
         model: a ViT-family or TNT timm model in eval mode.
-        x: ``(B, 3, H, W)`` input.
+        x: ``(B, 3, H, W)`` input (moved to the model's device).
         attention: False records token states only (fused attention stays on: the fast path for
             embedding many images).
+        attention_dtype: see :func:`storage_dtype`.
 
     Raises:
         CaptureError: the forward pass failed, or the hooks recorded nothing.
@@ -151,13 +181,28 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True) -> Raw
     attn_mods = families.attention_modules(model) if attention else []
     inner_mods = families.inner_attention_modules(model) if attention else []
     rec = _Recorder()
+    n_layers = len(attn_mods)
+    buf: list[torch.Tensor] = []  # the (B, L, H, T, T) buffer, allocated at the first layer
+    filled = [0]
+
+    def keep_attention(layer: int):
+        def pick(out: torch.Tensor) -> None:
+            if not buf:
+                dt = storage_dtype(out.shape[0], n_layers, out.shape[1], out.shape[-1], attention_dtype)
+                buf.append(torch.empty((out.shape[0], n_layers, *out.shape[1:]), dtype=dt))
+            buf[0][:, layer].copy_(out)  # casts and moves to the CPU in one step
+            filled[0] += 1
+        return pick
+
+    device = next(model.parameters()).device
+    x = x.to(device)
     with model_lock(model):
         fused_before = [getattr(m, "fused_attn", None) for m in attn_mods]
         try:
-            for m in attn_mods:
+            for i, m in enumerate(attn_mods):
                 if hasattr(m, "fused_attn"):
                     m.fused_attn = False
-                rec.on_output(m.attn_drop, "attention")
+                rec.on_output(m.attn_drop, f"attention{i}", keep_attention(i))
             for m in inner_mods:
                 rec.on_output(m.attn_drop, "inner")
             if fam == "tnt":
@@ -187,20 +232,21 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True) -> Raw
                     m.fused_attn = before
     s = rec.store
     n_blocks = len(model.blocks)
-    if attention and len(s.get("attention", [])) != n_blocks:
+    if attention and filled[0] != n_blocks:
         raise CaptureError(
-            f"Captured attention from {len(s.get('attention', []))} of {n_blocks} blocks: this model's "
+            f"Captured attention from {filled[0]} of {n_blocks} blocks: this model's "
             "attention modules did not run the unfused path the hooks observe.", code="nothing_captured")
     if len(s.get("blocks", [])) != n_blocks or not s.get("embedded"):
         raise CaptureError("The hooks saw no token states: the model's forward path is not the one "
                            "this family spec expects.", code="nothing_captured")
+    cpu = torch.device("cpu")
     return RawCapture(
-        logits=logits,
-        attention=s.get("attention", []),
-        tokens=s["embedded"] + s["blocks"],
-        patch_embeddings=s["patch_embeddings"][0],
-        final_tokens=s["final"][0],
-        inner_attention=s.get("inner", []),
+        logits=logits.to(cpu),
+        attention=buf[0] if buf else None,
+        tokens=[t.to(cpu) for t in s["embedded"] + s["blocks"]],
+        patch_embeddings=s["patch_embeddings"][0].to(cpu),
+        final_tokens=s["final"][0].to(cpu),
+        inner_attention=[t.to(cpu) for t in s.get("inner", [])],
     )
 
 
@@ -253,10 +299,20 @@ def explain(model: Any, image: Any, *, topk: int = 5, input_size: tuple[int, int
                          attention_dtype=attention_dtype)[0]
 
 
-def explain_batch(model: Any, images: Sequence[Any], *, topk: int = 5,
-                  input_size: tuple[int, int] | None = None,
-                  attention_dtype: str = "auto") -> list[Explanation]:
-    """:func:`explain` for several images in one batched forward pass."""
+@dataclass
+class Batch:
+    """Decoded, cropped and normalised images, ready for one forward pass."""
+
+    net: nn.Module
+    name: str
+    config: DataConfig
+    decoded: list  # DecodedImage per image
+    prepared: list  # Prepared per image
+    x: torch.Tensor  # (B, 3, H, W)
+
+
+def prepare_batch(model: Any, images: Sequence[Any], input_size: tuple[int, int] | None = None) -> Batch:
+    """Decode and preprocess images exactly as :func:`explain_batch` does."""
     net, name = _unwrap(model)
     cfg = getattr(model, "data_config", None) or DataConfig.from_model(net, families.default_input_size(net))
     if input_size is not None and tuple(input_size) != tuple(cfg.input_size):
@@ -268,47 +324,44 @@ def explain_batch(model: Any, images: Sequence[Any], *, topk: int = 5,
     ps = families.patch_size(net)
     decoded = [decode(im) for im in images]
     prepared = [prepare(d.array, cfg, min_patch=max(ps)) for d in decoded]
-    x = torch.cat([p.tensor for p in prepared])
-    raw = capture(net, x)
-    layout = families.layout_for(net, cfg.input_size)
+    return Batch(net, name, cfg, decoded, prepared, torch.cat([p.tensor for p in prepared]))
 
+
+def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5) -> list[Explanation]:
+    """Split one batched capture into an :class:`Explanation` per image."""
+    net = batch.net
+    layout = families.layout_for(net, batch.config.input_size)
     logits = raw.logits.float()
     probs = logits.softmax(-1)
     names = label_names_for(model, logits.shape[-1])
     k = min(topk, logits.shape[-1])
     top_p, top_i = probs.topk(k, dim=-1)
-    attn = torch.stack(raw.attention, 1)  # (B, L, H, T, T)
-    if attn.shape[-1] != layout.num_tokens:
-        raise CaptureError(f"captured {attn.shape[-1]} tokens, layout expects {layout.num_tokens}",
-                           code="layout")
-    nbytes = attn[0].numel() * 4
-    half = attention_dtype == "float16" or (attention_dtype == "auto" and nbytes > ATTENTION_FLOAT32_BUDGET)
-    attn_np = attn.to(torch.float16 if half else torch.float32).numpy()
+    attn = raw.attention  # (B, L, H, T, T), already in the storage dtype
+    if attn is None or attn.shape[-1] != layout.num_tokens:
+        raise CaptureError(f"captured {None if attn is None else attn.shape[-1]} tokens, layout expects "
+                           f"{layout.num_tokens}", code="layout")
+    attn_np = attn.numpy()
     tokens = torch.stack(raw.tokens, 1).float().numpy()  # (B, L + 1, T, D)
     inner = None
     if raw.inner_attention:
-        b, n = x.shape[0], layout.num_patches
+        b, n = batch.x.shape[0], layout.num_patches
         inner_t = torch.stack(raw.inner_attention, 0)  # (L, B * N, H_in, P, P)
         inner = inner_t.reshape(inner_t.shape[0], b, n, *inner_t.shape[2:]).transpose(0, 1).float().numpy()
     pos = {k2: v.float().cpu().numpy() for k2, v in families.position_embeddings(net).items()}
-    out = []
-    for i, (d, p) in enumerate(zip(decoded, prepared)):
-        out.append(Explanation(
-            model_name=name,
-            family=families.family_of(net),
-            layout=layout,
-            logits=logits[i].numpy(),
-            probs=probs[i].numpy(),
-            topk=[(int(c), names[int(c)], float(pr)) for pr, c in zip(top_p[i], top_i[i])],
-            attention=attn_np[i],
-            tokens=tokens[i],
-            patch_embeddings=raw.patch_embeddings[i].float().numpy(),
-            final_tokens=raw.final_tokens[i].float().numpy(),
-            crop=p.crop,
-            box=p.box,
-            image_size=d.size,
-            position_embeddings=pos,
-            inner_attention=None if inner is None else inner[i],
-            notes=d.notes,
-        ))
-    return out
+    family = families.family_of(net)
+    return [Explanation(
+        model_name=batch.name, family=family, layout=layout, logits=logits[i].numpy(), probs=probs[i].numpy(),
+        topk=[(int(c), names[int(c)], float(pr)) for pr, c in zip(top_p[i], top_i[i])],
+        attention=attn_np[i], tokens=tokens[i], patch_embeddings=raw.patch_embeddings[i].float().numpy(),
+        final_tokens=raw.final_tokens[i].float().numpy(), crop=p.crop, box=p.box, image_size=d.size,
+        position_embeddings=pos, inner_attention=None if inner is None else inner[i], notes=d.notes)
+        for i, (d, p) in enumerate(zip(batch.decoded, batch.prepared))]
+
+
+def explain_batch(model: Any, images: Sequence[Any], *, topk: int = 5,
+                  input_size: tuple[int, int] | None = None,
+                  attention_dtype: str = "auto") -> list[Explanation]:
+    """:func:`explain` for several images in one batched forward pass."""
+    batch = prepare_batch(model, images, input_size)
+    raw = capture(batch.net, batch.x, attention_dtype=attention_dtype)
+    return build_explanations(model, batch, raw, topk)

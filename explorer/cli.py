@@ -98,12 +98,11 @@ def _examples(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(a: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-    return bench_main(a.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["bench"]:  # the benchmark has its own options (argparse.REMAINDER drops leading ones)
+        from .bench import main as bench_main
+        return bench_main(args[1:])
     p = argparse.ArgumentParser(prog="vit-explorer", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd")
@@ -155,14 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", default=None)
     ex.set_defaults(fn=_examples)
 
-    b = sub.add_parser("bench", help="benchmark against a plain forward pass (see --help)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=_bench)
+    sub.add_parser("bench", help="benchmark against a plain forward pass (vit-explorer bench --help)")
 
-    a = p.parse_args(argv)
+    a = p.parse_args(args)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if a.cmd is None:
-        a = p.parse_args(["serve"] + (argv or sys.argv[1:]))
+        a = p.parse_args(["serve"] + args)
     from .errors import ExplorerError
     try:
         return a.fn(a)

@@ -132,8 +132,11 @@ def test_explain_matches_an_independent_computation(client):
     mad = mean_attention_distance(exp.attention, exp.layout)
     np.testing.assert_allclose([d.y for d in heads], mad.T, rtol=1e-5)
     # position embeddings: three panels, learned similarity has a unit diagonal
-    pos = plot_data(v["pos_plot"])
-    assert len(pos) == 3
+    pos = plot_data(v["pos_plot"])[0]  # learned, 1D and 2D sine-cosine side by side in one trace
+    assert json.loads(v["pos_plot"]["plot"])["layout"]["xaxis"]["ticktext"] == [
+        "learned (this model)", "1D sine-cosine", "2D sine-cosine"]
+    z = np.asarray(pos.z, dtype=float)
+    assert z.shape[0] == 8 * 9 - 1 and z[0, 0] == pytest.approx(1.0, abs=1e-5)  # position 0 vs itself
     assert "64" in v["pos_md"]
     # patch grid view shows the model's own 8×8 grid and the tensor shapes
     assert "65 × 96" in v["pipeline"].replace("`", "") and "kernel_size=(8, 8), stride=(8, 8)" in v["conv_note"]
@@ -146,7 +149,9 @@ def test_controls_and_queries_answer_from_the_cache(client):
     path = example("cross")
     explain(client, path)
     exp = explain_py(load_model("classroom-vit"), decode(path.read_bytes()).array)
-    out = dict(zip(ATTN, client.predict("en", "max", 0.5, 2, 0.7, False, 0, api_name="/attention")))
+    # a slider answers with the overlay, its caption and the TNT inner view; the grid stays
+    out = dict(zip(["overlay", "caption", "inner_img", "inner_md"],
+                   client.predict("en", "max", 0.5, 2, 0.7, False, 0, api_name="/attention")))
     assert "class token" in out["caption"]
     assert "Share of rollout" in out["caption"]  # the mask is known even when its outline is hidden
     token = exp.layout.token_of_patch(3, 4)

@@ -258,7 +258,7 @@ def test_fused_path_is_detected(vit_model, monkeypatch, image):
 def test_capture_without_attention_keeps_fused(vit_model):
     x = _input(vit_model, random_image())
     raw = capture_mod.capture(vit_model.model, x, attention=False)
-    assert raw.attention == [] and raw.inner_attention == []
+    assert raw.attention is None and raw.inner_attention == []
     assert len(raw.tokens) == len(vit_model.model.blocks) + 1
     with torch.inference_mode():
         np.testing.assert_allclose(raw.logits.numpy(), vit_model.model(x).numpy(), atol=1e-5)

@@ -22,15 +22,22 @@ def patch_distances(layout: TokenLayout) -> np.ndarray:
 
 
 def mean_attention_distance(attention: np.ndarray, layout: TokenLayout) -> np.ndarray:
-    """Mean attention distance in model-input pixels for every layer and head. (L, H)."""
-    d = patch_distances(layout).astype(np.float32)
+    """Mean attention distance in model-input pixels for every layer and head. (L, H).
+
+    Per layer in torch (multi-threaded; float16 storage is read as it is): at 1370 tokens numpy's
+    einsum over a float32 copy took ~1 s.
+    """
+    import torch
+
+    d = torch.from_numpy(patch_distances(layout).astype(np.float32))  # (N, N)
     p = layout.num_prefix
     out = np.empty(attention.shape[:2], dtype=np.float64)
-    for layer in range(attention.shape[0]):
-        a = attention[layer, :, p:, p:].astype(np.float32)  # (H, N, N) patch queries x patch keys
-        num = np.einsum("hqk,qk->hq", a, d)
-        den = a.sum(-1)
-        out[layer] = (num / np.maximum(den, 1e-12)).mean(-1)
+    with torch.inference_mode():
+        for layer in range(attention.shape[0]):
+            a = torch.from_numpy(np.ascontiguousarray(attention[layer, :, p:, p:])).float()  # (H, N, N)
+            num = (a * d).sum(-1)  # (H, N): Σ_k a_qk · d_qk
+            den = a.sum(-1).clamp_min(1e-12)  # renormalise over patch keys
+            out[layer] = (num / den).mean(-1).double().numpy()
     return out
 
 

@@ -56,7 +56,7 @@ def embed_images(model: Any, images: Sequence[Any], *, batch_size: int = 32,
         else:
             per_layer.append(tok[:, :, layout.num_prefix:].mean(2).float().numpy())
             finals.append(raw.final_tokens[:, layout.num_prefix:].mean(1).float().numpy())
-        preds.append(raw.logits.argmax(-1).numpy())
+        preds.append(raw.logits.argmax(-1).cpu().numpy())
         if progress is not None:
             progress(min(start + batch_size, n), n)
     return Embedding(np.concatenate(per_layer, 1), np.concatenate(finals, 0), np.concatenate(preds))

@@ -32,27 +32,40 @@ class RolloutOptions:
 
 def fuse(attn_layer: np.ndarray, opts: RolloutOptions, num_prefix: int) -> np.ndarray:
     """One layer's ``Â``: heads fused, weakest links discarded, identity mixed in. (T, T)."""
-    a = attn_layer.astype(np.float32, copy=False)  # (H, T, T)
-    if opts.head_fusion == "mean":
-        f = a.mean(0)
-    elif opts.head_fusion == "max":
-        f = a.max(0)
-    elif opts.head_fusion == "min":
-        f = a.min(0)
-    else:
+    return fused_layers(attn_layer[None], opts, num_prefix, first=0)[0]
+
+
+def fused_layers(attention: np.ndarray, opts: RolloutOptions, num_prefix: int,
+                 first: int | None = None) -> np.ndarray:
+    """``Â`` of every layer from ``first`` (default ``opts.start_layer``) up. (L', T, T) float32.
+
+    Computed with torch (multi-threaded, float16 storage read directly); callers that answer
+    many queries keep the result (see :func:`rollout_row`'s ``fused``).
+    """
+    import torch
+
+    if opts.head_fusion not in FUSIONS:
         raise InputError(f"head fusion must be one of {FUSIONS}, got {opts.head_fusion!r}",
                          code="bad_option", name="head_fusion")
-    if opts.discard_ratio > 0:
-        f = f.copy()
-        patch = f[:, num_prefix:]  # (T, N) view
-        k = int(patch.shape[1] * opts.discard_ratio)
-        if k > 0:
-            # exactly the k weakest per row; a threshold (<= k-th smallest) drops every tied link
-            weakest = np.argpartition(patch, k - 1, axis=1)[:, :k]
-            np.put_along_axis(patch, weakest, 0.0, axis=1)
-    t = f.shape[0]
-    f = (1 - opts.residual) * f + opts.residual * np.eye(t, dtype=np.float32)
-    return f / f.sum(-1, keepdims=True)
+    first = opts.start_layer if first is None else first
+    a = torch.from_numpy(np.ascontiguousarray(attention[first:]))  # (L', H, T, T)
+    with torch.inference_mode():
+        if opts.head_fusion == "mean":
+            f = a.float().mean(1) if a.dtype != torch.float32 else a.mean(1)
+        elif opts.head_fusion == "max":
+            f = a.amax(1).float()
+        else:
+            f = a.amin(1).float()
+        if opts.discard_ratio > 0:
+            patch = f[:, :, num_prefix:]  # (L', T, N) view
+            k = int(patch.shape[-1] * opts.discard_ratio)
+            if k > 0:  # exactly the k weakest links per row (ties would drop too many with a threshold)
+                weakest = patch.topk(k, dim=-1, largest=False).indices
+                patch.scatter_(-1, weakest, 0.0)
+        f.mul_(1 - opts.residual)
+        f.diagonal(dim1=-2, dim2=-1).add_(opts.residual)
+        f.div_(f.sum(-1, keepdim=True))
+        return f.numpy()
 
 
 def _check(attention: np.ndarray, opts: RolloutOptions, query: int | None) -> None:
@@ -70,7 +83,7 @@ def _check(attention: np.ndarray, opts: RolloutOptions, query: int | None) -> No
 
 
 def rollout_row(attention: np.ndarray, query: int, opts: RolloutOptions = RolloutOptions(),
-                num_prefix: int = 1) -> np.ndarray:
+                num_prefix: int = 1, fused: np.ndarray | None = None) -> np.ndarray:
     """How much each token flows into ``query`` at the top: row ``query`` of the rollout. (T,)
 
     Args:
@@ -78,22 +91,25 @@ def rollout_row(attention: np.ndarray, query: int, opts: RolloutOptions = Rollou
         query: the token whose row is wanted (class token, a register, a patch ...).
         opts: head fusion, discard ratio, start layer.
         num_prefix: prefix tokens before the patches (never discarded).
+        fused: :func:`fused_layers` for these ``opts``, when the caller keeps it.
     """
     _check(attention, opts, query)
-    v = np.zeros(attention.shape[-1], dtype=np.float64)
+    f = fused_layers(attention, opts, num_prefix) if fused is None else fused  # (L', T, T)
+    v = np.zeros(attention.shape[-1], dtype=np.float32)  # float32 like Â: no upcast copy per layer
     v[query] = 1.0
-    for layer in range(attention.shape[0] - 1, opts.start_layer - 1, -1):  # top layer first
-        v = v @ fuse(attention[layer], opts, num_prefix)  # (T,) @ (T, T)
-    return v.astype(np.float32)
+    for layer in range(f.shape[0] - 1, -1, -1):  # top layer first: v ← v · Â_l
+        v = v @ f[layer]
+    return v
 
 
 def rollout_matrix(attention: np.ndarray, opts: RolloutOptions = RolloutOptions(),
-                   num_prefix: int = 1) -> np.ndarray:
+                   num_prefix: int = 1, fused: np.ndarray | None = None) -> np.ndarray:
     """The full rollout ``Â_L · … · Â_s``, every query at once. (T, T); O(L·T³)."""
     _check(attention, opts, None)
+    f = fused_layers(attention, opts, num_prefix) if fused is None else fused
     r = np.eye(attention.shape[-1], dtype=np.float64)
-    for layer in range(opts.start_layer, attention.shape[0]):
-        r = fuse(attention[layer], opts, num_prefix).astype(np.float64) @ r
+    for layer in range(f.shape[0]):
+        r = f[layer].astype(np.float64) @ r
     return r.astype(np.float32)
 
 

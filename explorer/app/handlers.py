@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from .. import zoo
 from ..capture import explain
 from ..errors import ExplorerError, ImageError, InputError

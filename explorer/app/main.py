@@ -73,22 +73,26 @@ def _loaded(ms: dict) -> Any:
 def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> None:
     controls = [ui.fusion, ui.discard, ui.start_layer, ui.opacity, ui.show_mask]
     attn_out = [ui.overlay, ui.caption, ui.layer_head, ui.inner_row, ui.inner_img, ui.inner_md, ui.query]
+    ctl_out = [ui.overlay, ui.caption, ui.inner_row, ui.inner_img, ui.inner_md]
     views_out = attn_out + [ui.grid_img, ui.pipeline, ui.conv_note, ui.overlap, ui.cost, ui.pos_plot, ui.pos_md,
                             ui.pixel_plot, ui.mad_plot, ui.mad_md, ui.pred, ui.notes, ui.start_layer,
                             ui.inner_layer, ui.tsne_layer]
     model_out = [ui.card, ui.curve, ui.status]
 
-    def attention(s: views.Session, lang: str, fusion, discard, start, opacity, show_mask, inner_layer) -> dict:
+    def attention(s: views.Session, lang: str, fusion, discard, start, opacity, show_mask, inner_layer,
+                  grid: bool = True) -> dict:
+        """The attention tab; ``grid=False`` for slider events (the layer × head grid depends only on
+        the query, not on fusion, discard, start layer or opacity)."""
         if s.exp is None:
-            return {c: gr.update() for c in attn_out}
+            return {c: gr.update() for c in (attn_out if grid else ctl_out)}
         H.COUNTERS.add("view_renders")
-        img, cap = views.rollout_view(s, lang, fusion=fusion, discard=discard, start_layer=int(start or 0),
-                                      opacity=opacity, show_mask=bool(show_mask))
-        inner, inner_md = views.inner_view(s, lang, int(inner_layer or 0))
-        q = s.query_token()
-        return {ui.overlay: img, ui.caption: cap, ui.layer_head: views.layer_head_figure(s, lang),
-                ui.inner_row: gr.update(visible=inner is not None), ui.inner_img: inner, ui.inner_md: inner_md,
-                ui.query: q}
+        v = views.attention_tab(s, lang, fusion=fusion, discard=discard, start_layer=start, opacity=opacity,
+                                show_mask=show_mask, inner_layer=inner_layer, grid=grid)
+        out = {ui.overlay: v["overlay"], ui.caption: v["caption"], ui.inner_img: v["inner"],
+               ui.inner_row: gr.update(visible=v["inner"] is not None), ui.inner_md: v["inner_md"]}
+        if grid:
+            out.update({ui.layer_head: v["layer_head"], ui.query: v["query"]})
+        return out
 
     def everything(s: views.Session, lang: str, ms: dict, ctl: list, inner_layer, kernel, stride) -> dict:
         out = attention(s, lang, *ctl, inner_layer)
@@ -168,11 +172,11 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     # --- light events: answered from the session's Explanation -------------------------------
     def on_controls(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer):
-        return attention(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
+        return attention(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer, grid=False)
 
     attn_in = [state, ui.lang] + controls + [ui.inner_layer]
     gr.on([ui.fusion.input, ui.discard.release, ui.start_layer.release, ui.opacity.release, ui.show_mask.input,
-           ui.inner_layer.release], on_controls, attn_in, attn_out, api_name="attention",
+           ui.inner_layer.release], on_controls, attn_in, ctl_out, api_name="attention",
           concurrency_limit=4, show_progress="hidden")
 
     def on_click(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer, evt: gr.SelectData):

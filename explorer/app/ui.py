@@ -14,10 +14,8 @@ from typing import Any
 import gradio as gr
 
 from .. import zoo
-from ..errors import ExplorerError
 from . import handlers as H
-from . import views
-from .i18n import LANG_CHOICES, error_text, pick_lang, t
+from .i18n import LANG_CHOICES, t
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_la
     q = s.query_token()
     opts = analysis.RolloutOptions(head_fusion=fusion, discard_ratio=float(discard),
                                    start_layer=int(min(start_layer, exp.num_layers - 1)))
-    row = analysis.rollout_row(exp.attention, q, opts, exp.layout.num_prefix)
+    row = analysis.rollout_row(exp.attention, q, opts, exp.layout.num_prefix, fused=exp.fused(opts))
     pmap = analysis.patch_map(row, exp.layout.num_prefix, exp.layout.grid)
     disp = display_image(s)
     box, _ = _display_box(s)
@@ -102,6 +102,21 @@ def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_la
         caption.append(t(lang, "mask_share", mass=stats["mass"], area=stats["area"], ratio=stats["ratio"],
                          maxhit=t(lang, "yes" if stats["max_on_object"] else "no")))
     return img, "\n\n".join(caption)
+
+
+def attention_tab(s: Session, lang: str, *, fusion: str = "mean", discard: float = 0.0, start_layer: int = 0,
+                  opacity: float = 0.55, show_mask: bool = True, inner_layer: int = 0,
+                  grid: bool = True) -> dict[str, Any]:
+    """Everything the attention tab shows. ``grid=False`` (slider events) leaves out the layer ×
+    head grid and the query, which depend only on the query token."""
+    img, cap = rollout_view(s, lang, fusion=fusion, discard=discard, start_layer=int(start_layer or 0),
+                            opacity=opacity, show_mask=bool(show_mask))
+    inner, inner_md = inner_view(s, lang, int(inner_layer or 0))
+    out: dict[str, Any] = {"overlay": img, "caption": cap, "inner": inner, "inner_md": inner_md}
+    if grid:
+        out["layer_head"] = layer_head_figure(s, lang)
+        out["query"] = s.query_token()
+    return out
 
 
 def object_patches(mask: np.ndarray, box: tuple[float, float, float, float], layout) -> np.ndarray:

@@ -72,40 +72,65 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
                       row_label: str = "row", col_label: str = "col", sim_label: str = "cos") -> go.Figure:
     """Position-embedding similarity as in ViT Fig. 7: one panel per (name, (rows, cols, rows, cols)).
 
-    Grids larger than ``max_tiles`` a side show every k-th position's tile.
+    All panels are one heatmap trace, side by side (subplots cost ~10× more to build). Grids larger
+    than ``max_tiles`` a side show every k-th position's tile.
     """
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
-                        horizontal_spacing=0.04)
-    for k, (_, sim) in enumerate(panels):
+    blocks, rr_all, cc_all, centres = [], [], [], []
+    for _, sim in panels:
         rows, cols = sim.shape[:2]
         rs = np.unique(np.linspace(0, rows - 1, min(rows, max_tiles)).round().astype(int))
         cs = np.unique(np.linspace(0, cols - 1, min(cols, max_tiles)).round().astype(int))
-        sub = sim[rs][:, cs]
-        z = tile(sub)
+        z = tile(sim[rs][:, cs])
         rr = np.full(z.shape, -1)
         cc = np.full(z.shape, -1)
         for i, r in enumerate(rs):
             for j, c in enumerate(cs):
                 sl = np.s_[i * (rows + 1):i * (rows + 1) + rows, j * (cols + 1):j * (cols + 1) + cols]
                 rr[sl], cc[sl] = r, c
-        fig.add_trace(go.Heatmap(
-            z=z, customdata=np.stack([rr, cc], -1), zmin=-1, zmax=1, colorscale="RdBu_r",
-            showscale=k == len(panels) - 1, hoverongaps=False,
-            hovertemplate=f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) "
-                          f"{sim_label} %{{z:.3f}}<extra></extra>"), row=1, col=k + 1)
-        _tile_axes(fig, 1, k + 1)
-    fig.update_yaxes(scaleanchor=None)
-    return _layout(fig, title, height=460)
+        blocks.append(z)
+        rr_all.append(rr)
+        cc_all.append(cc)
+    height = max(b.shape[0] for b in blocks)
+    gap = max(3, height // 12)
+    z_parts, r_parts, c_parts = [], [], []
+    x = 0
+    for k, (z, rr, cc) in enumerate(zip(blocks, rr_all, cc_all)):
+        pad = ((0, height - z.shape[0]), (0, 0))
+        z_parts.append(np.pad(z, pad, constant_values=np.nan))
+        r_parts.append(np.pad(rr, pad, constant_values=-1))
+        c_parts.append(np.pad(cc, pad, constant_values=-1))
+        centres.append(x + z.shape[1] / 2)
+        x += z.shape[1]
+        if k < len(blocks) - 1:
+            for parts, fill in ((z_parts, np.nan), (r_parts, -1), (c_parts, -1)):
+                parts.append(np.full((height, gap), fill))
+            x += gap
+    z = np.concatenate(z_parts, 1)
+    custom = np.stack([np.concatenate(r_parts, 1), np.concatenate(c_parts, 1)], -1)
+    fig = go.Figure(go.Heatmap(
+        z=z, customdata=custom, zmin=-1, zmax=1, colorscale="RdBu_r", hoverongaps=False,
+        colorbar=dict(thickness=12, len=0.8),
+        hovertemplate=f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) "
+                      f"{sim_label} %{{z:.3f}}<extra></extra>"))
+    _tile_axes(fig)
+    fig.update_xaxes(tickvals=centres, ticktext=[p[0] for p in panels], showticklabels=True, side="top",
+                     tickfont=dict(size=14))
+    return _layout(fig, title, height=480)
 
 
-def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str) -> go.Figure:
-    """A row of small heatmaps (e.g. TNT pixel-position similarity), each with its own title."""
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels])
+def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str, per_row: int = 8) -> go.Figure:
+    """Many small heatmaps (e.g. TNT pixel-position similarity) tiled in one trace."""
+    h, w = panels[0][1].shape
+    n = len(panels)
+    R = int(np.ceil(n / per_row))
+    C = min(n, per_row)
+    stack = np.full((R, C, h, w), np.nan, dtype=np.float32)
     for k, (_, m) in enumerate(panels):
-        fig.add_trace(go.Heatmap(z=m, colorscale="RdBu_r", zmin=-1, zmax=1, showscale=k == 0,
-                                 hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>"), row=1, col=k + 1)
-        _tile_axes(fig, 1, k + 1)
-    return _layout(fig, title, height=360)
+        stack[k // C, k % C] = m
+    fig = go.Figure(go.Heatmap(z=tile(stack), colorscale="RdBu_r", zmin=-1, zmax=1, hoverongaps=False,
+                               colorbar=dict(thickness=12), hovertemplate="%{z:.3f}<extra></extra>"))
+    _tile_axes(fig)
+    return _layout(fig, title, height=max(260, 80 + R * 140))
 
 
 def distance_plot(mad: np.ndarray, conv_rf: np.ndarray, conv_mad: np.ndarray, uniform: float, *,
