@@ -1,0 +1,127 @@
+"""Drive the real app in Debian's Chromium: upload, see the overlay, click a patch, open every tab,
+switch to Chinese. Screenshots of every tab in both languages go to ``tests/artifacts/screenshots``
+(or ``$SCREENSHOT_DIR``; the README's are made with ``SCREENSHOT_DIR=assets/screenshots``)."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from _app import app_url  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs Debian's chromium (apt-get install chromium): .ci/run installs it")
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium fonts-noto-cjk)",
+                allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = Path(os.environ.get("SCREENSHOT_DIR", ROOT / "tests" / "artifacts" / "screenshots"))
+TABS = ["attention", "patches", "posembed", "distance", "tsne", "about"]
+TAB_TEXT = {"en": ["Attention", "Patches and tokens", "Position embeddings", "Receptive field", "Class tokens",
+                   "Model"],
+            "zh-CN": ["注意力", "图像块与 token", "位置编码", "感受野", "类别 token", "模型"]}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):  # noqa: F811
+    pg = browser.new_page(viewport={"width": 1440, "height": 1000}, locale="en-US")
+    pg.set_default_timeout(120_000)
+    pg.goto(app_url)
+    pg.wait_for_selector("#overlay img")
+    yield pg
+    pg.close()
+
+
+def overlay_src(pg) -> str:
+    return pg.locator("#overlay img").first.get_attribute("src") or ""
+
+
+def wait_change(pg, get, before, timeout=90.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        now = get()
+        if now and now != before:
+            return now
+        time.sleep(0.2)
+    raise AssertionError("the page did not update")
+
+
+def query_value(pg) -> str:
+    return pg.locator("#query input").input_value()
+
+
+def shoot_all_tabs(pg, lang: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    tabs = pg.locator("#tabs button[role=tab]")
+    assert [tabs.nth(i).inner_text().strip() for i in range(tabs.count())] == TAB_TEXT[lang]
+    for i, name in enumerate(TABS):
+        tabs.nth(i).click()
+        if name == "tsne":
+            done = "images embedded" if lang == "en" else "张图像"
+            pg.click("#tsne_run")
+            pg.wait_for_function(f"document.querySelector('#tsne_md').innerText.includes('{done}')",
+                                 timeout=300_000)
+            pg.wait_for_selector("#tsne_plot .js-plotly-plot")
+        elif name in ("posembed", "distance", "about"):
+            pg.wait_for_selector(f"#{ {'posembed': 'pos_plot', 'distance': 'mad_plot', 'about': 'curve'}[name]} "
+                                 ".js-plotly-plot")
+        time.sleep(1.0)  # let plotly finish drawing
+        pg.screenshot(path=str(SHOTS / f"{lang}_{i}_{name}.png"), full_page=True)
+    tabs.nth(0).click()
+
+
+def test_upload_click_tabs_and_chinese(page):
+    pg = page
+    # an example is explained at start; upload another image and see the overlay change
+    first = overlay_src(pg)
+    ring = sorted((ROOT / "assets" / "examples" / "shapes" / "ring").glob("ring_*[0-9].png"))[0]
+    pg.set_input_files("#image input[type=file]", str(ring))
+    wait_change(pg, lambda: overlay_src(pg), first)
+    pg.wait_for_function("document.querySelector('#prediction') && "
+                         "document.querySelector('#prediction').innerText.includes('%')")
+    assert "class token" in pg.locator("#caption").inner_text()
+    # click the patch in row 2, col 5 of the 8x8 grid: the query moves there
+    box = pg.locator("#overlay img").first.bounding_box()
+    before = overlay_src(pg)
+    pg.mouse.click(box["x"] + box["width"] * (5.5 / 8), box["y"] + box["height"] * (2.5 / 8))
+    wait_change(pg, lambda: query_value(pg), "0")
+    assert query_value(pg) == str(1 + 2 * 8 + 5)
+    assert "patch 21 (row 2, col 5)" in pg.locator("#caption").inner_text()
+    assert overlay_src(pg) != before
+    pg.click("#reset")
+    wait_change(pg, lambda: query_value(pg), str(1 + 2 * 8 + 5))
+    assert query_value(pg) == "0"
+    shoot_all_tabs(pg, "en")
+    # switch to Chinese
+    pg.get_by_text("中文", exact=True).click()
+    pg.wait_for_function("document.body.innerText.includes('怎么看')")
+    assert "类别 token" in pg.locator("#caption").inner_text()
+    shoot_all_tabs(pg, "zh-CN")
+    pg.get_by_text("English", exact=True).click()
+    pg.wait_for_function("document.body.innerText.includes('How to read this')")
+
+
+def test_language_follows_the_browser(browser, app_url):  # noqa: F811
+    pg = browser.new_page(locale="zh-CN", extra_http_headers={"Accept-Language": "zh-CN,zh;q=0.9"})
+    pg.set_default_timeout(120_000)
+    pg.goto(app_url)
+    pg.wait_for_function("document.body.innerText.includes('怎么看')")
+    assert "ViT 注意力探索器" in pg.locator("#title").inner_text()
+    pg.close()
