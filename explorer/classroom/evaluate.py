@@ -85,11 +85,11 @@ def evaluate(images: int = 400, seed: int | None = None, models=("classroom-vit"
 
 def format_report(rep: dict) -> str:
     lines = [f"Fresh shapes: {rep['images']} images, seed {rep['seed']} (disjoint from training)", ""]
-    hdr = f"{'':34}" + "".join(f"{m:>18}" for m in rep["models"])
+    hdr = f"{'':34}" + "".join(f"{m:>22}" for m in rep["models"])
     lines.append(hdr)
 
     def row(label, fn):
-        lines.append(f"{label:34}" + "".join(f"{fn(m):>18}" for m in rep["models"].values()))
+        lines.append(f"{label:34}" + "".join(f"{fn(m):>22}" for m in rep["models"].values()))
 
     row("accuracy (>= 95 %; chance 12.5 %)", lambda m: f"{m['accuracy']:.1%}")
     row("rollout max on object (>= 90 %)", lambda m: f"{m['max_on_object']:.1%}")

@@ -66,6 +66,7 @@ class TrainConfig:
     max_minutes: float = 60.0  # hard stop (saving what there is) if the machine is slower than measured
     eval_every: int = 10_000  # images between learning-curve points
     val_images: int = 512
+    resume: str | None = None  # continue from a saved model (local-dir), at full clutter
 
 
 @dataclass
@@ -111,6 +112,12 @@ def train(cfg: TrainConfig, out: Path | None = None, progress: bool = True):
 
     torch.set_num_threads(cfg.threads)
     model = build(cfg.model, cfg.seed)
+    previous = None
+    if cfg.resume:  # a second phase: same architecture, weights from the first, scenes at full clutter
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(cfg.resume) / "model.safetensors")))
+        previous = json.loads((Path(cfg.resume) / "training.json").read_text())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n and "token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n and "token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -128,7 +135,7 @@ def train(cfg: TrainConfig, out: Path | None = None, progress: bool = True):
             bar.reset(total=total)
             bar.update(seen)
             log.info("%.0f images/s: the %.0f-minute budget allows %d images", rate, cfg.minutes, total)
-        clutter = min(1.0, seen / max(1, cfg.curriculum * total))
+        clutter = 1.0 if cfg.resume else min(1.0, seen / max(1, cfg.curriculum * total))
         scene = shapes.SceneConfig(clutter=clutter, easy=cfg.easy_start * (1.0 - clutter))
         x, _, y = shapes.batch(TRAIN_SEED + 7919 * cfg.seed, seen, cfg.batch_size, scene)
         for g in opt.param_groups:
@@ -155,18 +162,18 @@ def train(cfg: TrainConfig, out: Path | None = None, progress: bool = True):
             log.info("%s: %d images, %.1f min, loss %.3f, val acc %.3f", cfg.model, seen, minutes,
                      curve.train_loss[-1], acc)
             if out is not None:
-                save(model, cfg, curve, out, minutes)
+                save(model, cfg, curve, out, minutes, previous)
         if minutes > cfg.max_minutes:
             log.warning("time budget of %.0f min reached after %d images", cfg.max_minutes, seen)
             break
     bar.close()
     model.eval()
     if out is not None:
-        save(model, cfg, curve, out, (time.perf_counter() - t0) / 60)
+        save(model, cfg, curve, out, (time.perf_counter() - t0) / 60, previous)
     return model, curve
 
 
-def save(model, cfg: TrainConfig, curve: Curve, out: Path, minutes: float) -> None:
+def save(model, cfg: TrainConfig, curve: Curve, out: Path, minutes: float, previous: dict | None = None) -> None:
     from ..zoo import save_local_dir
 
     spec = ARCHITECTURES[cfg.model]
@@ -180,8 +187,17 @@ def save(model, cfg: TrainConfig, curve: Curve, out: Path, minutes: float) -> No
         "settings": asdict(cfg), "train_seed": TRAIN_SEED, "val_seed": VAL_SEED,
         "minutes": round(minutes, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "curve": asdict(curve),
-        "command": f"vit-explorer train-classroom --model {cfg.model} --images {cfg.images} --seed {cfg.seed}",
+        "command": f"vit-explorer train-classroom --model {cfg.model} --images {cfg.images} --seed {cfg.seed}"
+                   + (" --resume <first phase>" if cfg.resume else ""),
     }
+    if previous is not None:  # one record, one continuous curve over both phases
+        first = previous.get("phases", [previous])
+        done = previous["curve"]["images"][-1]
+        record["phases"] = first + [{k: v for k, v in record.items() if k not in ("phases",)}]
+        record["minutes"] = round(previous["minutes"] + minutes, 1)
+        record["curve"] = {k: previous["curve"][k] + [
+            (v + done if k == "images" else round(v + previous["minutes"], 2) if k == "minutes" else v)
+            for v in getattr(curve, k)] for k in previous["curve"]}
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
     out = Path(out)
     if out.exists():
