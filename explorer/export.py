@@ -99,5 +99,8 @@ def write_zip(files: dict[str, bytes], out: Path) -> Path:
         os.replace(tmp, out)
         return out
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        try:  # missing_ok covers a missing file only, not a parent that is a file or unreadable
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise _disk_error(err, out) from None

@@ -267,6 +267,25 @@ def crop_box(image_hw: tuple[int, int], cfg: DataConfig) -> tuple[float, float, 
     return x0, y0, x0 + bw, y0 + bh
 
 
+def check_geometry(image_hw: tuple[int, int], cfg: DataConfig,
+                   min_patch: int = 1) -> tuple[float, float, float, float]:
+    """The crop box of an image of this size, or an ImageError when the model cannot use it:
+    an aspect ratio beyond :data:`MAX_ASPECT`, or a crop smaller than one patch. Cheap (no pixels),
+    so a set of images can be checked before any of them is resized."""
+    h0, w0 = image_hw
+    if max(h0, w0) / max(1, min(h0, w0)) > MAX_ASPECT:
+        raise ImageError(
+            f"The image is {w0}×{h0} pixels, an aspect ratio over {MAX_ASPECT:.0f}:1; the model's "
+            "centre crop would show only a sliver of it. Crop it closer to square first.",
+            code="extreme_aspect", width=w0, height=h0)
+    box = crop_box((h0, w0), cfg)
+    if min(box[2] - box[0], box[3] - box[1]) < min_patch:
+        raise ImageError(
+            f"The image is {w0}×{h0} pixels: smaller than one {min_patch}×{min_patch} patch of this "
+            "model. Upload a larger image.", code="too_small", width=w0, height=h0, patch=min_patch)
+    return box
+
+
 @dataclass
 class Prepared:
     tensor: Any  # torch.Tensor (1, 3, H, W), normalised
@@ -279,16 +298,7 @@ def prepare(image: np.ndarray, cfg: DataConfig, min_patch: int = 1) -> Prepared:
     import torch
 
     h0, w0 = image.shape[:2]
-    if max(h0, w0) / max(1, min(h0, w0)) > MAX_ASPECT:
-        raise ImageError(
-            f"The image is {w0}×{h0} pixels, an aspect ratio over {MAX_ASPECT:.0f}:1; the model's "
-            "centre crop would show only a sliver of it. Crop it closer to square first.",
-            code="extreme_aspect", width=w0, height=h0)
-    box = crop_box((h0, w0), cfg)
-    if min(box[2] - box[0], box[3] - box[1]) < min_patch:
-        raise ImageError(
-            f"The image is {w0}×{h0} pixels: smaller than one {min_patch}×{min_patch} patch of this "
-            "model. Upload a larger image.", code="too_small", width=w0, height=h0, patch=min_patch)
+    box = check_geometry((h0, w0), cfg, min_patch)
     th, tw = cfg.input_size
     pil = Image.fromarray(image)
     crop = pil.resize((tw, th), resample=_RESAMPLE.get(cfg.interpolation, Image.BICUBIC), box=box,

@@ -39,19 +39,21 @@ def read_zip(path: str | Path, max_images: int) -> ImageSet:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         raise InputError(f"{Path(path).name} is not a readable zip archive ({err}).", code="bad_zip",
-                         why=str(err)) from None
+                         why=str(err), reason="unreadable") from None
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         if len(infos) > MAX_ENTRIES:
             raise InputError(f"The zip holds {len(infos)} files; at most {MAX_ENTRIES} are read.",
-                             code="bad_zip", why=f"{len(infos)} > {MAX_ENTRIES} entries")
+                             code="bad_zip", why=f"{len(infos)} > {MAX_ENTRIES} entries", reason="entries",
+                             entries=len(infos), max=MAX_ENTRIES)
         total = sum(i.file_size for i in infos)
         packed = max(1, sum(i.compress_size for i in infos))
         if total > MAX_UNZIPPED_BYTES or total / packed > MAX_RATIO:
             raise InputError(
                 f"The zip would unpack to {total / 2**20:.0f} MB from {packed / 2**20:.1f} MB (a zip bomb?); "
                 f"at most {MAX_UNZIPPED_BYTES // 2**20} MB and a ratio of {MAX_RATIO}:1 are accepted.",
-                code="bad_zip", why=f"{total / 2**20:.0f} MB unpacked")
+                code="bad_zip", why=f"{total / 2**20:.0f} MB unpacked", reason="bomb", mb=round(total / 2**20),
+                packed_mb=round(packed / 2**20, 1), limit_mb=MAX_UNZIPPED_BYTES // 2**20, ratio=MAX_RATIO)
         for info in infos:
             p = PurePosixPath(info.filename.replace("\\", "/"))
             if p.is_absolute() or ".." in p.parts or info.filename.startswith(("/", "\\")):

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -52,6 +51,12 @@ CURATED = [
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 MAX_CHECKPOINT_BYTES = 2 * 2**30
 HUB_TIMEOUT_S = 3.0
+#: Test/benchmark switch: with ``VIT_EXPLORER_RANDOM_WEIGHTS=1`` in the environment, timm names
+#: (the curated picker entries among them) build with random weights (``pretrained=False``) instead
+#: of downloading them, so the soak test (:mod:`explorer.soak`) can cycle through every curated
+#: architecture offline. Bundled, ``local-dir:``, ``hf-hub:`` and checkpoint sources are unaffected.
+#: Never set it on a real deployment: predictions are meaningless.
+RANDOM_WEIGHTS_ENV = "VIT_EXPLORER_RANDOM_WEIGHTS"
 
 
 def assets_dir() -> Path:
@@ -113,7 +118,12 @@ CACHE = _Cache(int(os.environ.get("VIT_EXPLORER_MODEL_CACHE", "3")))
 # ----------------------------------------------------------------------------- the hub
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """Whether the model hub answers a TCP connection within ``timeout`` seconds."""
+    """Whether the model hub answers an HTTP request within about ``timeout`` seconds.
+
+    A TCP connection is not enough: a hub (or a proxy in front of it) that accepts connections
+    and then never answers makes huggingface_hub retry with back-off for minutes. Any HTTP status,
+    even an error, counts as an answer; silence, a refused or a dropped connection do not.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     try:
@@ -121,13 +131,28 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         endpoint = constants.ENDPOINT
     except Exception:
         return False
-    host = urlparse(endpoint).hostname or ""
-    port = urlparse(endpoint).port or 443
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+    if not urlparse(endpoint).hostname:
         return False
+    import urllib.error
+    import urllib.request
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(endpoint.rstrip("/") + "/api/models?limit=1",
+                                                               method="HEAD"), timeout=timeout):
+                result.append(True)
+        except urllib.error.HTTPError:
+            result.append(True)  # it answered
+        except Exception:  # URLError, timeouts, resets, bad status lines
+            result.append(False)
+
+    # the socket timeout bounds each read; the thread join bounds a server that trickles bytes
+    th = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    th.start()
+    th.join(timeout + 0.5)
+    return bool(result and result[0])
 
 
 def _offline_message(what: str) -> str:
@@ -149,6 +174,10 @@ def _cached_hub_file(repo_id: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- names
+
+def _is_timm_name(spec: str) -> bool:
+    return bool(spec) and spec not in BUNDLED and not spec.startswith(("local-dir:", "hf-hub:", "hf_hub:"))
+
 
 def _arch_and_tag(name: str) -> tuple[str, str]:
     from timm.models import split_model_name_tag
@@ -215,9 +244,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message starts with advice to retry with weights_only=False: show the line that
+        # names what the file wanted to build ("unsupported GLOBAL posix.system ..."), not that
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0] if lines else "")
         raise CheckpointError(
             f"{path.name} was refused: unpickling it would run code or build objects other than "
-            f"tensors ({str(err).splitlines()[0][:160]}). Nothing in it was run. Save the weights "
+            f"tensors ({why[:160]}). Nothing in it was run. Save the weights "
             "alone (torch.save(model.state_dict(), ...)) or as .safetensors.",
             code="unsafe_pickle", name=path.name) from None
     except Exception as err:
@@ -307,11 +340,27 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, arch: s
 
 # ----------------------------------------------------------------------------- loading
 
+def device() -> torch.device:
+    """``$VIT_EXPLORER_DEVICE`` if set, else the GPU when there is one, else the CPU."""
+    want = os.environ.get("VIT_EXPLORER_DEVICE")
+    if want:
+        return torch.device(want)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _finish(model: nn.Module, name: str, source: str, labels: list[str] | None,
             notes: dict | None = None) -> LoadedModel:
     from .capture import label_names_for
-    model.eval()
+    model.eval().to(device())
     family = families.family_of(model)
+    # every image is decoded to RGB: a model built for 1 or 4 channels would fail on the first image
+    # with a tensor-shape error, so refuse it here and say why
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and conv.in_channels != 3:
+        raise ModelSourceError(
+            f"{name} takes images with {conv.in_channels} channel(s); the explorer feeds RGB images "
+            "(3 channels). Use a model trained on RGB images.", code="not_rgb", name=name,
+            channels=conv.in_channels)
     num_classes = getattr(model, "num_classes", 0) or 0
     if labels is None or len(labels) != num_classes:
         labels = label_names_for(model, num_classes) if num_classes else []
@@ -338,6 +387,8 @@ def load_model(spec: str, *, pretrained: bool = True, checkpoint: str | os.PathL
         ModelSourceError, HubUnreachableError, CheckpointError.
     """
     spec = str(spec).strip()
+    if pretrained and os.environ.get(RANDOM_WEIGHTS_ENV, "") == "1" and _is_timm_name(spec):
+        pretrained = False  # test/benchmark switch: see RANDOM_WEIGHTS_ENV
     ck = Path(checkpoint) if checkpoint else None
     ck_id = (str(ck.resolve()), ck.stat().st_mtime_ns, ck.stat().st_size) if ck and ck.is_file() else None
     key = (spec, pretrained, ck_id, tuple(label_names or ()), tuple(sorted(model_kwargs.items())))
@@ -360,6 +411,13 @@ def _build(spec: str, pretrained: bool, ck: Path | None, labels: list[str] | Non
     if not spec:
         raise ModelSourceError("No model given. Choose a bundled model or type a timm name.",
                                code="empty_spec")
+    if ck is not None and (spec in BUNDLED or spec.startswith("local-dir:")):
+        # these sources carry their own weights; silently ignoring the uploaded file would show
+        # the bundled model's maps under the checkpoint's name
+        raise ModelSourceError(
+            f"A checkpoint file needs the timm architecture it was trained with, but '{spec}' is a "
+            "model that brings its own weights. Type the architecture (e.g. vit_small_patch16_224) "
+            "in the architecture box.", code="checkpoint_needs_arch", name=spec)
     if spec in BUNDLED:
         folder = assets_dir() / BUNDLED[spec]
         if not (folder / "config.json").is_file():
@@ -385,7 +443,7 @@ def _build(spec: str, pretrained: bool, ck: Path | None, labels: list[str] | Non
                                    code="hub_failed", what=repo) from err
         return _finish(model, spec, "hf-hub", labels)
 
-    family = check_architecture(spec)
+    check_architecture(spec)
     if ck is not None:
         sd = read_checkpoint(ck)
         num_classes = _infer_num_classes(sd)

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -123,10 +124,15 @@ def explain_file(loaded: Any, path: str | None, lang: str, spec: str) -> views.S
     if not path:
         raise UserError(t(lang, "no_image"))
     try:
-        data = Path(path).read_bytes() if os.path.getsize(path) <= 64 * 2**20 else None
+        try:
+            size = os.path.getsize(path)
+            data = Path(path).read_bytes() if size <= 64 * 2**20 else None
+        except OSError:  # the upload was cleaned from the cache, or never was a file
+            raise ImageError("The uploaded file is no longer on the server. Upload it again.",
+                             code="no_file", path="") from None
         if data is None:
             raise ImageError("The file is larger than 64 MB.", code="file_too_large",
-                             mb=os.path.getsize(path) // 2**20, limit=64)
+                             mb=size // 2**20, limit=64)
         decoded = decode(data)
         exp = explain(loaded, decoded.array)
     except ExplorerError as err:
@@ -187,6 +193,32 @@ def timed(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+EXPORT_TTL_S = 3600
+
+
+def prune_exports(folder: Path, max_age_s: float = EXPORT_TTL_S) -> int:
+    """Delete this app's export zips (and leftovers of interrupted writes) older than ``max_age_s``.
+
+    Gradio copies each returned zip into its own cache, which it cleans itself; the originals would
+    otherwise pile up in the export folder for as long as the server runs. Returns how many went.
+    """
+    gone = 0
+    cutoff = time.time() - max_age_s
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for f in entries:
+        if f.name.startswith(("explanation-", ".explanation-")) and f.suffix in (".zip", ".partial"):
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    gone += 1
+            except OSError:
+                pass
+    return gone
+
+
 def export(s: views.Session, lang: str, ctl: Controls, folder: str | None = None) -> str:
     """Write the current explanation (overlays, per-layer maps, arrays, summary) as one zip."""
     import tempfile
@@ -199,7 +231,10 @@ def export(s: views.Session, lang: str, ctl: Controls, folder: str | None = None
     opts = analysis.RolloutOptions(head_fusion=ctl.fusion, discard_ratio=float(ctl.discard),
                                    start_layer=int(min(ctl.start_layer, s.exp.num_layers - 1)))
     base = Path(folder or os.environ.get("VIT_EXPLORER_EXPORT_DIR") or Path(tempfile.gettempdir()) / "vit-explorer-exports")
-    name = f"explanation-{_digest(s.exp.crop.tobytes())[:10]}-q{s.query_token()}.zip"
+    # a random part: two users exporting the same image with different settings at the same moment
+    # must not overwrite each other's zip before Gradio has copied it to its cache
+    name = f"explanation-{_digest(s.exp.crop.tobytes())[:10]}-q{s.query_token()}-{uuid.uuid4().hex[:8]}.zip"
+    prune_exports(base)
     try:
         files = artefacts(s.exp, s.image, opts, s.query_token(), s.model)
         return str(write_zip(files, base / name))

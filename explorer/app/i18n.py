@@ -24,6 +24,16 @@ EN: dict[str, str] = {
     "image": "Image (upload, paste or webcam)",
     "examples_shapes": "Shapes examples (with object masks)",
     "examples_photos": "Photos (for ImageNet models)",
+    "examples_shapes_md": "**Shapes examples** (with object masks)",
+    "examples_photos_md": "**Photos** (for ImageNet models; public domain / CC0)",
+    "checkpoint_acc": "Checkpoint file",
+    "fusion_mean": "mean",
+    "fusion_max": "max",
+    "fusion_min": "min",
+    "pos_kind_learned (incl. prefix)": "learned, with rows for the prefix tokens",
+    "pos_kind_learned (patches only)": "learned, patches only",
+    "pos_kind_learned patch_pos + pixel_pos": "learned patch_pos (outer) + pixel_pos (inner)",
+    "pos_kind_none": "none",
     "prediction": "Prediction (top 5)",
     "model_card": "Model card",
     "loaded": "Loaded **{name}** ({source}).",
@@ -132,7 +142,7 @@ EN: dict[str, str] = {
     "card_layout": "Token layout: {prefix} + {rows}×{cols} patches = **{T} tokens** of width {D}; input {h}×{w} px; position embeddings: {pos}.",
     "card_inner": "TNT inner transformer: each patch is split into {pr}×{pc} words of width {w}, {h} heads, MLP {mlp}.",
     "card_prefix_none": "no prefix token (global average pool)",
-    "card_training": "Trained by this project from scratch: {images:,} images in {minutes:.0f} min on {threads} CPU threads; settings and seed in `training.json`.",
+    "card_training": "Trained by this project from scratch: {images:,} images in {minutes:.0f} min on {threads} CPU thread(s); settings and seed in `training.json`.",
     "curve_title": "Learning curve",
     "curve_x": "training images seen",
     "curve_acc": "validation accuracy",
@@ -142,6 +152,11 @@ EN: dict[str, str] = {
     "no_image": "Upload an image or pick an example first.",
     "kept_model": "The previous model ({name}) is still loaded.",
     "busy": "The server is busy; try again in a moment.",
+    "internal_error": "Something went wrong on the server while handling this request. The server is still running: try again, or try another image or model.",
+    "tsne_skipped": "{n} file(s) left out: {items}.",
+    "skip_path": "path leaves the archive",
+    "skip_unreadable": "damaged or unreadable entry",
+    "skip_not_image": "not an image or zip",
 }
 
 ZH: dict[str, str] = {
@@ -157,6 +172,16 @@ ZH: dict[str, str] = {
     "image": "图像（上传、粘贴或摄像头）",
     "examples_shapes": "形状示例（带物体掩码）",
     "examples_photos": "照片（适用于 ImageNet 模型）",
+    "examples_shapes_md": "**形状示例**（带物体掩码）",
+    "examples_photos_md": "**照片**（适用于 ImageNet 模型；公有领域 / CC0）",
+    "checkpoint_acc": "检查点文件",
+    "fusion_mean": "平均",
+    "fusion_max": "最大",
+    "fusion_min": "最小",
+    "pos_kind_learned (incl. prefix)": "可学习的，含前缀 token 的行",
+    "pos_kind_learned (patches only)": "可学习的，仅图像块",
+    "pos_kind_learned patch_pos + pixel_pos": "可学习的 patch_pos（外部）+ pixel_pos（内部）",
+    "pos_kind_none": "无",
     "prediction": "预测（前 5 名）",
     "model_card": "模型卡片",
     "loaded": "已加载 **{name}**（{source}）。",
@@ -267,6 +292,11 @@ ZH: dict[str, str] = {
     "no_image": "请先上传图像或选择一个示例。",
     "kept_model": "之前的模型（{name}）仍然可用。",
     "busy": "服务器繁忙，请稍后再试。",
+    "internal_error": "服务器处理这个请求时出错了。服务器仍在运行：请重试，或换一张图像或一个模型。",
+    "tsne_skipped": "有 {n} 个文件被跳过：{items}。",
+    "skip_path": "路径指向压缩包之外",
+    "skip_unreadable": "条目损坏或无法读取",
+    "skip_not_image": "不是图像或 zip",
 }
 
 # Error messages by ExplorerError.code; English falls back to the exception's own text.
@@ -302,7 +332,22 @@ ERRORS_ZH: dict[str, str] = {
     "bundled_missing": "内置模型缺失。请重新安装，或运行 'vit-explorer train-classroom'。",
     "build_failed": "无法构建该模型。",
     "busy": "服务器繁忙，请稍后再试。",
-    "disk": "无法保存文件（磁盘已满或目录不可写）；没有留下不完整的文件。",
+    "disk": "无法保存文件（磁盘已满或目录不可写）；没有留下不完整的文件。请释放空间或换一个可写的目录。",
+    "bad_zip.unreadable": "zip 文件无法读取：它已损坏，或不是 zip 压缩包。",
+    "bad_zip.entries": "zip 中有 {entries} 个文件；最多读取 {max} 个。",
+    "bad_zip.bomb": "zip 解压后将有 {mb} MB（压缩包只有 {packed_mb} MB，可能是 zip 炸弹）；最多接受 {limit_mb} MB，压缩比最多 {ratio}:1。",
+    "not_rgb": "{name} 接受 {channels} 通道的图像；本工具输入的是 RGB 图像（3 通道）。请使用在 RGB 图像上训练的模型。",
+    "bad_array": "图像数组的形状必须是 (H, W)、(H, W, 3) 或 (H, W, 4)；收到的是 {shape}。",
+    "bad_combination": "请只提供 hf-hub: 仓库，或检查点文件加架构名，不要同时提供。",
+    "bad_config": "该文件夹中的 config.json 不是 timm 模型配置。",
+    "bad_option": "选项 {name} 的值超出允许范围。",
+    "bad_shape": "注意力数组的形状不对。",
+    "checkpoint_needs_arch": "检查点文件需要与之对应的 timm 架构名，但 “{name}” 是自带权重的模型。请在架构框中输入架构名（例如 vit_small_patch16_224）。",
+    "hub_failed": "无法从模型库加载 {what}。请检查仓库名，或改用内置模型、'local-dir:文件夹' 或检查点文件。",
+    "layout": "模型输出的 token 数与预期的布局不符，无法显示注意力。",
+    "no_config": "文件夹 {path} 中没有 config.json：local-dir 模型是一个包含 config.json 和 model.safetensors 的文件夹（timm 的 save_for_hf 格式）。",
+    "nothing_captured": "没有捕获到注意力：该模型的注意力模块没有走本工具能观察到的计算路径。支持：ViT、DeiT（含蒸馏版）、寄存器与 DINOv2 风格的 ViT，以及 TNT。",
+    "unsupported_block": "该模型使用的模块类型无法捕获注意力。支持：使用标准模块的 ViT、DeiT（含蒸馏版）、寄存器与 DINOv2 风格的 ViT，以及 TNT。",
 }
 
 
@@ -315,11 +360,15 @@ def t(lang: str, key: str, **params: Any) -> str:
 def error_text(lang: str, err: BaseException) -> str:
     """The user-facing message of an error in ``lang``."""
     code = getattr(err, "code", None)
-    if lang == "zh-CN" and code in ERRORS_ZH:
-        try:
-            return ERRORS_ZH[code].format(**getattr(err, "params", {}))
-        except (KeyError, IndexError, ValueError):
-            pass
+    params = getattr(err, "params", {}) or {}
+    if lang == "zh-CN":
+        # a more specific message for one variant of a code ("bad_zip.bomb"), else the code's own
+        for key in (f"{code}.{params.get('reason')}", code):
+            if key in ERRORS_ZH:
+                try:
+                    return ERRORS_ZH[key].format(**params)
+                except (KeyError, IndexError, ValueError):
+                    pass
     return str(err)
 
 

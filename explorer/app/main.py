@@ -14,6 +14,7 @@ from . import handlers as H
 from . import tsne as TS
 from . import views
 from .i18n import error_text, pick_lang, t
+from .server import trim_memory
 from .ui import (DEFAULT_MODEL, SESSION_TTL_S, UI, create_attention_tab, create_distance_tab, create_header,
                  create_model_tab, create_patches_tab, create_posembed_tab, create_sidebar, create_tsne_tab)
 
@@ -37,6 +38,22 @@ def merge(out: dict, new: dict) -> dict:
 def _err(lang: str, e: BaseException) -> gr.Error:
     msg = str(e) if isinstance(e, H.UserError) else error_text(lang, e)
     return gr.Error(msg, title="⚠️", print_exception=False)
+
+
+def _unexpected(lang: str, what: str) -> gr.Error:
+    """A bug or an input nobody foresaw: log it with its traceback, tell the user in their language
+    that the server is still up (Gradio would show a bare "Error" with show_error=False)."""
+    log.exception("unexpected error in %s", what)
+    return gr.Error(t(lang, "internal_error"), title="⚠️", print_exception=False)
+
+
+def on_gpu(fn):
+    """Run a heavy handler under ZeroGPU (``spaces.GPU``) when that package is installed."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=120)(fn)
 
 
 def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
@@ -124,6 +141,7 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                 ui.status: status}
 
     # --- heavy events: one forward pass each -----------------------------------------------
+    @on_gpu
     def on_image(path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
         ctl = [fusion, discard, start_layer, opacity, show_mask]
         if not path:
@@ -133,6 +151,8 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
             out = everything(new, lang, ms, ctl, inner_layer, kernel, stride)
         except (H.UserError, ExplorerError) as e:
             raise _err(lang, e) from None
+        except Exception:
+            raise _unexpected(lang, "explain") from None
         out[state] = new
         return out
 
@@ -140,17 +160,20 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     ui.image.change(on_image, [ui.image, state, ui.lang, model_state] + view_inputs, [state] + views_out,
                     api_name="explain", concurrency_id="model", show_progress="minimal")
 
+    @on_gpu
     def on_load(spec, checkpoint, arch, path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask,
                 inner_layer, kernel, stride):
         ck = checkpoint
         previous = ms.get("spec")
         try:
             loaded, status = H.load(spec, ck, arch, lang, previous)
+            new_ms = {"spec": spec if not ck else (arch or spec), "checkpoint": ck, "arch": arch or None}
+            out = model_views(new_ms, lang, status)
         except H.UserError as e:
             gr.Warning(str(e))
             return {ui.status: f"⚠️ {e}", ui.model: gr.update(value=previous), model_state: ms}
-        new_ms = {"spec": spec if not ck else (arch or spec), "checkpoint": ck, "arch": arch or None}
-        out = model_views(new_ms, lang, status)
+        except Exception:  # a model that builds but breaks the model card: keep the previous one
+            raise _unexpected(lang, "load_model") from None
         out[model_state] = new_ms
         out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0], maximum=max(32, loaded.facts.patch_size[0]))
         out[ui.stride] = gr.update(value=loaded.facts.patch_size[0], maximum=max(32, loaded.facts.patch_size[0]))
@@ -163,6 +186,10 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                 out[state] = new
             except (H.UserError, ExplorerError) as e:
                 gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
+            except Exception:
+                log.exception("unexpected error explaining after load_model")
+                gr.Warning(t(lang, "internal_error"))
+        trim_memory()  # the model evicted from the cache and the last explanation are garbage now
         return out
 
     load_out = [model_state, ui.model, ui.kernel, ui.stride, state] + model_out + views_out
@@ -222,18 +249,23 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
             path = H.export(s, lang, H.Controls(fusion, float(discard), int(start_layer or 0), opacity, show_mask))
         except H.UserError as e:
             raise _err(lang, e) from None
+        except Exception:
+            raise _unexpected(lang, "export") from None
         return gr.update(value=path, visible=True)
 
     ui.export_btn.click(on_export, [state, ui.lang] + controls, ui.export_file, api_name="export",
                         concurrency_limit=2)
 
     # --- t-SNE -------------------------------------------------------------------------------
+    @on_gpu
     def on_tsne(ms, source, count, layer, files, colour, compare, lang, cache, progress=gr.Progress()):
         try:
             fig, text, cache = TS.run(ms, source, int(count), int(layer), files, colour, bool(compare), lang,
                                       cache, progress)
         except (ExplorerError, H.UserError) as e:
             raise _err(lang, e) from None
+        except Exception:
+            raise _unexpected(lang, "tsne") from None
         return fig, text, cache
 
     ui.tsne_run.click(on_tsne, [model_state, ui.tsne_source, ui.tsne_count, ui.tsne_layer, ui.tsne_files,
@@ -277,14 +309,36 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
 def launch(host: str | None = None, port: int | None = None, share: bool = False,
            default_model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
-    """Launch with settings for a public app: bounded queue, closed direct API routes, bounded
-    uploads, cleaned temp files, thread count matching the machine."""
+    """Launch with settings for a public app.
+
+    - bounded queue (``VIT_EXPLORER_QUEUE``, default 24 waiting events): when it is full a new
+      request is refused at once with 503 "queue full" instead of waiting;
+    - one heavy event (load, forward pass, embedding) at a time: they share ``concurrency_id="model"``
+      with the default limit of 1, so a model is never run by two requests at once;
+    - direct HTTP routes that skip the queue closed (``api_open=False``), monitoring off;
+    - uploads up to ``VIT_EXPLORER_MAX_UPLOAD`` (default 50 MB), other request bodies up to 64 MB;
+    - Gradio's temporary files deleted when older than an hour (checked every 10 minutes), at most
+      ``VIT_EXPLORER_SESSIONS`` sessions (default 64) kept in memory, oldest dropped first;
+    - worker threads matching the machine (2 per core, at least 4);
+    - memory that freed models give back to the system (:func:`.server.bound_malloc`).
+    """
+    from gradio.route_utils import FnIndexInferError
+    from starlette.middleware import Middleware
+
+    from .server import BodyLimit, bound_malloc, not_found, size_bytes
+
+    bound_malloc()
     demo = build_app(default_model)
     cores = os.cpu_count() or 2
     demo.queue(max_size=int(os.environ.get("VIT_EXPLORER_QUEUE", "24")), default_concurrency_limit=1,
                api_open=False)
+    app_kwargs = {"exception_handlers": {FnIndexInferError: not_found},
+                  "middleware": [Middleware(BodyLimit, limit=64 * 2**20)]}
+    app_kwargs.update(kwargs.pop("app_kwargs", None) or {})
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
-                share=share, max_file_size="50mb", max_threads=max(4, 2 * cores), enable_monitoring=False,
+                share=share, max_file_size=size_bytes(os.environ.get("VIT_EXPLORER_MAX_UPLOAD", "50mb")),
+                max_threads=max(4, 2 * cores), enable_monitoring=False,
+                state_session_capacity=int(os.environ.get("VIT_EXPLORER_SESSIONS", "64")),
                 show_error=False, css=CSS, head=HEAD, theme=gr.themes.Soft(primary_hue="indigo"),
-                ssr_mode=False, **kwargs)
+                ssr_mode=False, app_kwargs=app_kwargs, **kwargs)

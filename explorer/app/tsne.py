@@ -12,10 +12,11 @@ from .. import imagesets, zoo
 from ..analysis import embeddings as E
 from ..classroom import shapes
 from ..classroom.train import EVAL_SEED
-from ..errors import InputError
-from ..images import decode
+from ..errors import ImageError, InputError
+from ..images import check_geometry, decode
 from ..render import figures
-from .i18n import t
+from .handlers import UserError
+from .i18n import error_text, t
 
 PARTNER = {"classroom-vit": "classroom-tnt", "classroom-tnt": "classroom-vit"}
 
@@ -34,7 +35,18 @@ def _thumb(img: np.ndarray, side: int = 72) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
 
 
-def image_set(source: str, count: int, files: list[str] | None) -> tuple[list[np.ndarray], list[str]]:
+def image_set(source: str, count: int, files: list[str] | None,
+              checks: list[tuple[Any, int]] = ()) -> tuple[list[Any], list[str], list[str], list]:
+    """The images, their labels, their thumbnails and the files left out (``(name, why)``).
+
+    An uploaded set may hold a few unusable files (a zip's ``../`` entry, a damaged or tiny image,
+    a panorama): they are left out and listed rather than failing the whole set. ``checks`` holds
+    ``(data config, patch size)`` of every model that will embed the set.
+
+    Uploaded images are returned still encoded (bytes or paths): each is decoded here once to check
+    it and draw its thumbnail, then dropped, and decoded again batch by batch while embedding.
+    Holding up to 2,000 decoded photos at once would take gigabytes (each may have 50 megapixels).
+    """
     if source == "bundled":
         per = max(1, min(count, E.MAX_IMAGES // len(shapes.CLASSES)))
         imgs, labels = [], []
@@ -45,15 +57,48 @@ def image_set(source: str, count: int, files: list[str] | None) -> tuple[list[np
             if labels.count(shapes.CLASSES[label]) < per:
                 imgs.append(img)
                 labels.append(shapes.CLASSES[label])
-        return imgs, labels
+        return imgs, labels, [_thumb(i) for i in imgs], []
     if not files:
         raise InputError("Upload images or a zip first.", code="too_few_images", n=0, min=E.MIN_IMAGES)
     found = imagesets.collect(files, E.MAX_IMAGES)
-    E.check_count(len(found.items))
-    arrays = []
-    for item in found.items:
-        arrays.append(decode(item).array)  # each checked for size and format; errors name the problem
-    return arrays, [lb or "?" for lb in found.labels]
+    skipped: list[tuple[str, Any]] = [_skip_reason(why) for why in found.skipped]
+    items, labels, thumbs = [], [], []
+    for item, label, name in zip(found.items, found.labels, found.names):
+        try:  # size and format first, then whether every model can use its shape
+            arr = decode(item).array
+            for cfg, patch in checks:
+                check_geometry(arr.shape[:2], cfg, patch)
+        except ImageError as err:
+            skipped.append((name, err))
+            continue
+        items.append(item)
+        labels.append(label or "?")
+        thumbs.append(_thumb(arr))
+        del arr
+    return items, labels, thumbs, skipped
+
+
+def _skip_reason(why: str) -> tuple[str, Any]:
+    """imagesets' English reason ("a/b.png: path leaves the archive") as (name, i18n key)."""
+    name, _, reason = why.partition(": ")
+    for marker, key in (("leaves the archive", "skip_path"), ("damaged or unreadable", "skip_unreadable"),
+                        ("not an image", "skip_not_image")):
+        if marker in reason:
+            return name, key
+    return why, None
+
+
+def _skipped_note(skipped: list[tuple[str, Any]], lang: str) -> str:
+    """The files left out, each with its reason in ``lang`` (kept untranslated in the t-SNE cache,
+    so switching the language afterwards translates them too)."""
+    if not skipped:
+        return ""
+    parts = []
+    for name, why in skipped[:5]:
+        text = error_text(lang, why) if isinstance(why, BaseException) else t(lang, why) if why else ""
+        parts.append(f"{name} ({text})" if text else name)
+    items = "; ".join(parts) + (" …" if len(skipped) > 5 else "")
+    return " " + t(lang, "tsne_skipped", n=len(skipped), items=items)
 
 
 def run(ms: dict, source: str, count: int, layer: int, files: Any, colour: str, compare: bool, lang: str,
@@ -66,17 +111,21 @@ def run(ms: dict, source: str, count: int, layer: int, files: Any, colour: str, 
     key = (tuple(specs), source, count if source == "bundled" else tuple(paths))
     t0 = time.perf_counter()
     if not cache or cache.get("key") != key:
-        imgs, labels = image_set(source, count, paths)
-        E.check_count(len(imgs))
+        models = {spec: zoo.load_model(spec) if not ms.get("checkpoint") else zoo.load_model(
+            ms.get("arch") or spec, checkpoint=ms["checkpoint"]) for spec in specs}
+        checks = [(m.data_config, max(m.facts.patch_size)) for m in models.values()]
+        imgs, labels, thumbs, skipped = image_set(source, count, paths, checks)
+        try:
+            E.check_count(len(imgs))
+        except InputError as err:  # say which files were left out, or "got 2" makes no sense
+            raise UserError(error_text(lang, err) + _skipped_note(skipped, lang)) from None
         embs = {}
-        for spec in specs:
-            loaded = zoo.load_model(spec) if not ms.get("checkpoint") else zoo.load_model(
-                ms.get("arch") or spec, checkpoint=ms["checkpoint"])
-            name = spec
-            embs[spec] = E.embed_images(loaded, imgs, progress=lambda d, n, nm=name: progress(
+        for spec, loaded in models.items():
+            embs[spec] = E.embed_images(loaded, imgs, progress=lambda d, n, nm=spec: progress(
                 d / n, desc=t(lang, "tsne_progress", name=nm)))
-        cache = {"key": key, "labels": labels, "thumbs": [_thumb(i) for i in imgs], "embs": embs,
-                 "names": {s: zoo.load_model(s).label_names if not ms.get("checkpoint") else None for s in specs}}
+        cache = {"key": key, "labels": labels, "thumbs": thumbs, "embs": embs,
+                 "skipped": skipped,
+                 "names": {s: m.label_names if not ms.get("checkpoint") else None for s, m in models.items()}}
     labels = cache["labels"]
     panels = []
     for spec, emb in cache["embs"].items():
@@ -94,4 +143,5 @@ def run(ms: dict, source: str, count: int, layer: int, files: Any, colour: str, 
                        "xy": xy, "groups": groups, "hover": hover, "thumbs": cache["thumbs"]})
     fig = figures.tsne_plot(panels, title=t(lang, "tsne_title"))
     text = t(lang, "tsne_done", n=len(labels), name=" + ".join(cache["embs"]), sec=time.perf_counter() - t0)
+    text += _skipped_note(cache.get("skipped") or [], lang)
     return fig, text, cache

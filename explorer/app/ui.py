@@ -46,6 +46,7 @@ class Texts:
 _CHOICE_KEYS = {
     "tsne_source": [("tsne_bundled", "bundled"), ("tsne_upload", "upload")],
     "tsne_colour": [("tsne_by_label", "label"), ("tsne_by_pred", "prediction")],
+    "fusion": [("fusion_mean", "mean"), ("fusion_max", "max"), ("fusion_min", "min")],
 }
 
 
@@ -64,9 +65,36 @@ class UploadedImage(gr.Image):
     is_template = True  # rendered by the front end's Image component
 
     def preprocess(self, payload):  # type: ignore[override]
-        if payload is None or (payload.url or "").startswith("data:"):
-            return super().preprocess(payload)
-        return str(payload.path)
+        if payload is None:
+            return None
+        if (payload.url or "").startswith("data:"):
+            return self._data_url_to_file(payload.url)
+        # a bare URL without an uploaded file: nothing is fetched (Gradio itself refuses private
+        # hosts; an explorer has no business downloading what a request points at)
+        return str(payload.path) if payload.path else None
+
+    def _data_url_to_file(self, url: str) -> str:
+        """An image sent inline (``data:image/png;base64,...``) written to the cache as it came.
+
+        ``gr.Image`` would decode it with PIL right here: a decompression bomb sent this way would
+        be expanded in memory before :func:`explorer.images.decode` could check its size. The
+        request body itself is bounded by the server (``BodyLimit`` in server.py).
+        """
+        import base64
+        import binascii
+        import hashlib
+        from urllib.parse import unquote_to_bytes
+
+        head, _, body = url.partition(",")
+        try:
+            data = base64.b64decode(body) if head.endswith(";base64") else unquote_to_bytes(body)
+        except (binascii.Error, ValueError):
+            data = body.encode("utf-8", "replace")  # decode() will call it what it is: not an image
+        folder = Path(self.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()[:40]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "inline-image"
+        path.write_bytes(data)
+        return str(path)
 
 
 class UI:
@@ -91,7 +119,7 @@ def create_sidebar(ui: UI) -> None:
     choices = list(zoo.BUNDLED) + zoo.CURATED
     ui.model = T(gr.Dropdown(choices, value=ui.default_model, allow_custom_value=True, elem_id="model"),
                  label="model", info="model_info")
-    with gr.Accordion("Checkpoint", open=False) as ui.ck_acc:
+    with T(gr.Accordion("Checkpoint file", open=False), label="checkpoint_acc") as ui.ck_acc:
         ui.ck_file = T(gr.File(file_types=[".safetensors", ".pth", ".pt", ".bin", ".ckpt"], type="filepath"),
                        label="checkpoint")
         ui.ck_arch = T(gr.Textbox(placeholder="vit_base_patch16_224"), label="checkpoint_arch")
@@ -102,9 +130,13 @@ def create_sidebar(ui: UI) -> None:
     shapes = H.examples("shapes")
     photos = H.examples("photos")
     one_each = [next(p for p in shapes if f"/{c}/" in p) for c in sorted({Path(p).parent.name for p in shapes})]
-    ui.ex_shapes = gr.Examples(one_each, inputs=[ui.image], label=t("en", "examples_shapes"),
-                               examples_per_page=8) if shapes else None
-    ui.ex_photos = gr.Examples(photos, inputs=[ui.image], label=t("en", "examples_photos")) if photos else None
+    # gr.Examples' own label cannot change language: a translatable heading stands above each
+    if shapes:
+        T(gr.Markdown(t("en", "examples_shapes_md")), value="examples_shapes_md")
+        ui.ex_shapes = gr.Examples(one_each, inputs=[ui.image], label="", examples_per_page=8)
+    if photos:
+        T(gr.Markdown(t("en", "examples_photos_md")), value="examples_photos_md")
+        ui.ex_photos = gr.Examples(photos, inputs=[ui.image], label="")
     ui.pred = T(gr.Label(num_top_classes=5, elem_id="prediction"), label="prediction")
     ui.notes = gr.Markdown(elem_id="notes")
 
@@ -119,7 +151,8 @@ def create_attention_tab(ui: UI) -> None:
                                       elem_id="overlay")
                 ui.caption = gr.Markdown(elem_id="caption")
             with gr.Column(scale=2, min_width=260):
-                ui.fusion = T(gr.Radio(["mean", "max", "min"], value="mean", elem_id="fusion"), label="fusion")
+                ui.fusion = T(gr.Radio(_choices("en", "fusion"), value="mean", elem_id="fusion"), label="fusion",
+                              choices="fusion")
                 ui.discard = T(gr.Slider(0, 0.95, value=0.0, step=0.05, elem_id="discard"), label="discard")
                 ui.start_layer = T(gr.Slider(0, 11, value=0, step=1, elem_id="start_layer"), label="start_layer")
                 ui.opacity = T(gr.Slider(0, 1, value=0.55, step=0.05, elem_id="opacity"), label="opacity")

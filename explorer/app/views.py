@@ -281,7 +281,7 @@ def model_card(loaded: Any, lang: str) -> str:
         prefix = t(lang, "card_prefix_none")
     out = "\n".join(rows) + "\n\n" + t(lang, "card_layout", prefix=prefix, rows=f.grid[0], cols=f.grid[1],
                                          T=f.tokens, D=f.width, h=f.input_size[0], w=f.input_size[1],
-                                         pos=f.pos_embed)
+                                         pos=t(lang, f"pos_kind_{f.pos_embed}"))
     if f.inner:
         out += "\n\n" + t(lang, "card_inner", pr=f.inner["pixel_grid"][0], pc=f.inner["pixel_grid"][1],
                           w=f.inner["width"], h=f.inner["heads"], mlp=f.inner["mlp"])
