@@ -1,6 +1,7 @@
 """Launch the real app (``python -m explorer serve``) on a free loopback port for a test session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -42,16 +43,25 @@ def start_app(extra_env: dict | None = None, timeout: float = 120.0):
     raise RuntimeError("app did not answer in time")
 
 
+@contextlib.contextmanager
+def running_app(extra_env: dict | None = None):
+    """The app in a subprocess for the duration of a ``with``: ``(proc, url, log)``; stopped after."""
+    proc, url, log = start_app(extra_env)
+    try:
+        yield proc, url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def app_url():
-    proc, url, log = start_app()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.unlink(missing_ok=True)
+    with running_app() as (_, url, _log):
+        yield url
 
 
 @pytest.fixture(autouse=False)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _app import start_app
+from _app import running_app
 from _hostile import CONTROLS, FakeHub, bomb_png, file_data, noise, png, raw_call, rss_mb, write
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -53,15 +53,9 @@ def server(hub, workdir):
     exports = workdir / "exports"
     exports.mkdir()
     (workdir / "export-link").symlink_to(exports)
-    proc, url, log = start_app({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
-                                "VIT_EXPLORER_EXPORT_DIR": str(workdir / "export-link")})
-    yield proc, url, log
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.unlink(missing_ok=True)
+    with running_app({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
+                      "VIT_EXPLORER_EXPORT_DIR": str(workdir / "export-link")}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import http.client
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from urllib.parse import quote, urlparse
 
 import pytest
 
-from _app import start_app
+from _app import running_app
 from _hostile import CONTROLS, Sink, file_data, http_status, raw_call, raw_join, raw_wait, upload
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -36,14 +35,8 @@ def example(kind: str, i: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url, log = start_app({"VIT_EXPLORER_QUEUE": str(QUEUE)})
-    yield proc, url, log
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.unlink(missing_ok=True)
+    with running_app({"VIT_EXPLORER_QUEUE": str(QUEUE)}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

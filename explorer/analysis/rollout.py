@@ -120,6 +120,13 @@ def patch_map(row: np.ndarray, num_prefix: int, grid: tuple[int, int]) -> np.nda
     return (m / s if s > 0 else m).astype(np.float32)
 
 
+def object_patches(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) bool: the patches that overlap a mask given at the model input's resolution."""
+    rows, cols = grid
+    h, w = mask.shape
+    return mask.reshape(rows, h // rows, cols, w // cols).any(axis=(1, 3))
+
+
 def mass_on(mask_patches: np.ndarray, patch_weights: np.ndarray) -> dict[str, float]:
     """Share of a patch map on masked patches, the share of patches they are, and the ratio.
 

@@ -129,8 +129,7 @@ def object_patches(mask: np.ndarray, box: tuple[float, float, float, float], lay
     h, w = layout.input_size
     if m.shape != (h, w):
         m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-    rows, cols = layout.grid
-    return m.reshape(rows, h // rows, cols, w // cols).any(axis=(1, 3))
+    return analysis.object_patches(m.astype(bool), layout.grid)
 
 
 def layer_head_figure(s: Session, lang: str):

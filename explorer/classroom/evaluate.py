@@ -22,10 +22,7 @@ log = logging.getLogger(__name__)
 THRESHOLDS = {"accuracy": 0.95, "max_on_object": 0.90, "mass_ratio": 2.5}
 
 
-def object_patches(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    rows, cols = grid
-    h, w = mask.shape
-    return mask.reshape(rows, h // rows, cols, w // cols).any(axis=(1, 3))
+object_patches = analysis.object_patches
 
 
 def rollout_figures(loaded, images, masks, batch: int = 64) -> dict:
