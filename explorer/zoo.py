@@ -530,21 +530,3 @@ def save_local_dir(model: nn.Module, folder: str | os.PathLike, *, model_args: d
     save_for_hf(model, folder, model_config={"label_names": list(label_names)} if label_names else None,
                 model_args=model_args, safe_serialization=True)
     return folder
-
-
-def repack_local_dir(src: str | os.PathLike, dst: str | os.PathLike, *, data_cfg: dict) -> Path:
-    """Re-save a local-dir model with a corrected data config (weights unchanged)."""
-    import shutil
-
-    src, dst = Path(src), Path(dst)
-    cfg = json.loads((src / "config.json").read_text())
-    model = _from_local_dir(src, True, {})
-    out = save_local_dir(model, Path(str(dst) + ".partial"), model_args=cfg["model_args"],
-                         label_names=cfg.get("label_names"), data_cfg=data_cfg)
-    for extra in src.iterdir():
-        if extra.name not in ("config.json", "model.safetensors"):
-            shutil.copyfile(extra, out / extra.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    out.rename(dst)
-    return dst

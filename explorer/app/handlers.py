@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import zoo
 from ..capture import explain
@@ -42,10 +42,9 @@ class Controls:
 
 @dataclass
 class Counters:
-    """Server-wide counts (for the benchmark and the soak test): forward passes, view renders."""
+    """Server-wide counts (for the benchmark and the soak test): forward passes."""
 
     forward_passes: int = 0
-    view_renders: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str) -> None:
@@ -186,11 +185,6 @@ def click(s: views.Session, xy: tuple[float, float]) -> views.Session:
     token = views.click_to_token(s, float(xy[0]), float(xy[1]))
     return s if token is None else replace(s, query=token)
 
-
-def timed(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 EXPORT_TTL_S = 3600

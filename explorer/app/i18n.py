@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-LANGS = ("en", "zh-CN")
 LANG_CHOICES = [("English", "en"), ("中文", "zh-CN")]
 
 EN: dict[str, str] = {

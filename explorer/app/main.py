@@ -102,7 +102,6 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         the query, not on fusion, discard, start layer or opacity)."""
         if s.exp is None:
             return {c: gr.update() for c in (attn_out if grid else ctl_out)}
-        H.COUNTERS.add("view_renders")
         v = views.attention_tab(s, lang, fusion=fusion, discard=discard, start_layer=start, opacity=opacity,
                                 show_mask=show_mask, inner_layer=inner_layer, grid=grid)
         out = {ui.overlay: v["overlay"], ui.caption: v["caption"], ui.inner_img: v["inner"],
