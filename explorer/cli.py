@@ -77,7 +77,8 @@ def _train(a: argparse.Namespace) -> int:
 
     for kind in a.model:
         cfg = TrainConfig(model=kind, images=a.images, minutes=a.minutes, seed=a.seed, threads=a.threads,
-                          resume=a.resume, **({"lr": a.lr} if a.lr else {}))
+                          resume=a.resume, init=a.init, max_minutes=a.minutes,
+                          **({"lr": a.lr} if a.lr else {}))
         out = (Path(a.out) if a.out else assets_dir()) / f"classroom-{kind}"
         train(cfg, out=out, progress=not a.quiet)
     return 0
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", default=None, help="parent folder of classroom-<model>/ (default assets/)")
     t.add_argument("--resume", default=None, help="continue a saved model at full clutter (a second phase)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    t.add_argument("--init", default="mimetic", choices=["mimetic", "timm"],
+                   help="attention initialisation (default: mimetic, Trockman & Kolter 2023)")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(fn=_train)
 

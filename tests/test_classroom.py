@@ -74,6 +74,49 @@ def test_training_command_writes_a_loadable_model_with_its_record(tmp_path):
     assert (out / "model.safetensors").stat().st_size < 10 * 2**20
 
 
+
+@pytest.mark.parametrize("kind", ["vit", "tnt"])
+def test_mimetic_initialisation_sets_what_the_paper_says(kind):
+    """Trockman & Kolter (2023): every head starts with W_q^T W_k close to 0.7 Z + 0.7 I (its best
+    rank-d_head part) and W_v^T W_o^T equal to 0.4 Z - 0.4 I; timm's own initialisation has no
+    such identity part. The model stays a standard timm model."""
+    import torch
+
+    from explorer.classroom.train import build, mimetic_init
+
+    def diagonals(model):
+        qk, vo = [], []
+        for mod in model.modules():
+            if not hasattr(mod, "proj") or not getattr(mod, "num_heads", None):
+                continue
+            if hasattr(mod, "qkv"):
+                d = mod.qkv.in_features
+                w_q, w_k, w_v = mod.qkv.weight[:d], mod.qkv.weight[d:2 * d], mod.qkv.weight[2 * d:]
+            else:
+                h = mod.qk.out_features // 2
+                w_q, w_k, w_v = mod.qk.weight[:h], mod.qk.weight[h:], mod.v.weight
+                d = w_v.shape[1]
+            hd = w_q.shape[0] // mod.num_heads
+            per_head = [w_q[i * hd:(i + 1) * hd].T @ w_k[i * hd:(i + 1) * hd] for i in range(mod.num_heads)]
+            qk.append(float(sum(torch.diagonal(m).mean() for m in per_head)) / mod.num_heads * d / hd)
+            vo.append(float(torch.diagonal(w_v.T @ mod.proj.weight.T).mean()))
+        return np.array(qk), np.array(vo)
+
+    plain = build(kind, seed=3)
+    qk0, vo0 = diagonals(plain)
+    assert np.abs(qk0).max() < 0.2 and np.abs(vo0).max() < 0.2
+    model = build(kind, seed=3)
+    with torch.no_grad():
+        n = mimetic_init(model, seed=3)
+    qk, vo = diagonals(model)
+    assert n == len(qk) == (6 if kind == "vit" else 12)  # TNT: inner and outer attention of 6 blocks
+    # the identity part survives each head's rank-d_head cut (the top singular directions of
+    # 0.7 Z + 0.7 I carry more than their share of it, ~1.25 here): queries match similar keys
+    assert np.all(qk > 0.7)
+    np.testing.assert_allclose(vo, -0.4, atol=0.1)  # -0.4 plus the mean diagonal of 0.4 Z (std 0.4/d)
+    out = model(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, 8) and torch.isfinite(out).all()
+
 @pytest.mark.parametrize("name", ["classroom-vit", "classroom-tnt"])
 def test_shipped_models_are_small_standard_timm_models(name, real_assets):
     folder = ASSETS / name
