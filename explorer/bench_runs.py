@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from . import analysis, families
-from .analysis import distance as dist
 from .analysis import posembed
 from .capture import Batch, Explanation, build_explanations, capture, prepare_batch
 from .render import overlay
@@ -64,7 +63,7 @@ def ours_rollout_map(loaded: Any, x: torch.Tensor, batch: Batch, sizes) -> np.nd
     """Our pipeline for "the class-token rollout map of one image"."""
     exp = ours_explain(loaded, x, batch, sizes)[0]
     lay = exp.layout
-    row = analysis.rollout_row(exp.attention, lay.default_query(), analysis.RolloutOptions(), lay.num_prefix)
+    row = exp.rollout_row(lay.default_query(), analysis.RolloutOptions())
     return analysis.patch_map(row, lay.num_prefix, lay.grid)
 
 
@@ -172,13 +171,13 @@ def views_computed(exp: Explanation, photo: np.ndarray, parts: dict[str, list[fl
             parts.setdefault(key, []).append(now - t)
         t = now
 
-    row = analysis.rollout_row(exp.attention, q, analysis.RolloutOptions(), lay.num_prefix)
+    row = exp.rollout_row(q, analysis.RolloutOptions())
     out["rollout"] = analysis.patch_map(row, lay.num_prefix, lay.grid)
     lap("rollout")
     out["maps"] = analysis.query_maps(exp.attention, q, lay)  # (L, H, rows, cols)
     out["grid_image"] = overlay.tile_maps(out["maps"])
     lap("layer×head")
-    out["distance"] = dist.mean_attention_distance(exp.attention, lay)
+    out["distance"] = exp.attention_distance()
     lap("distance")
     pos = exp.position_embeddings.get("patch")
     if pos is not None:

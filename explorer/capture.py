@@ -2,8 +2,10 @@
 
 timm computes attention with fused ``scaled_dot_product_attention``, where the attention matrix
 never exists. While capturing, ``fused_attn`` is switched off on the captured modules only and
-forward hooks on their ``attn_drop`` (which receives the softmax) record it; every hook is removed
-in ``finally`` and ``fused_attn`` restored, also when the forward pass raises. A capture that saw
+forward hooks on their ``attn_drop`` (which receives the softmax) record it; on the CPU, timm's
+standard ``Attention`` instead gets, for the duration of the capture, a forward that computes the
+softmax block of query rows by block and hands each block over as it is made. Every hook and
+forward is removed in ``finally`` and ``fused_attn`` restored, also when the forward pass raises. A capture that saw
 nothing raises :class:`CaptureError` rather than returning empty maps.
 
 Captures on one model are serialised by a per-model lock, and each hook records only for the
@@ -67,6 +69,11 @@ class Explanation:
     position_embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # "patch": (N, D) ...
     inner_attention: np.ndarray | None = None  # TNT: (L, N, H_in, P_in, P_in)
     notes: list[tuple[str, dict]] = field(default_factory=list)  # from decoding (first frame, ...)
+    #: (L, T, T) float32: every layer's attention averaged over heads, from the float32 attention
+    #: at capture (rollout's default fusion; exact even when ``attention`` is kept in float16)
+    head_mean: np.ndarray | None = None
+    #: (L, H) mean attention distance in input pixels, computed at capture from float32 attention
+    distance: np.ndarray | None = None
     #: derived arrays kept for repeated views (fused rollout layers per setting); never part of
     #: the results, cleared freely
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -80,8 +87,26 @@ class Explanation:
         if key not in self.cache:
             for old in [k for k in self.cache if k[0] == "fused"][:-1]:  # keep at most two settings
                 del self.cache[old]
-            self.cache[key] = fused_layers(self.attention, opts, self.layout.num_prefix)
+            self.cache[key] = fused_layers(self.attention, opts, self.layout.num_prefix,
+                                           head_mean=self.head_mean)
         return self.cache[key]
+
+    def rollout_row(self, query: int, opts: Any) -> np.ndarray:
+        """Row ``query`` of the rollout for ``opts``: from the head means kept at capture for the
+        paper's setting (mean fusion, nothing discarded: L matrix–vector products, nothing kept),
+        otherwise from the cached fused layers."""
+        from .analysis.rollout import rollout_row
+
+        if opts.head_fusion == "mean" and opts.discard_ratio == 0 and self.head_mean is not None:
+            return rollout_row(self.attention, query, opts, self.layout.num_prefix, head_mean=self.head_mean)
+        return rollout_row(self.attention, query, opts, self.layout.num_prefix, fused=self.fused(opts))
+
+    def attention_distance(self) -> np.ndarray:
+        """(L, H) mean attention distance: kept from capture, else computed from ``attention``."""
+        if self.distance is None:
+            from .analysis.distance import mean_attention_distance
+            self.distance = mean_attention_distance(self.attention, self.layout)
+        return self.distance
 
     @property
     def num_layers(self) -> int:
@@ -100,6 +125,7 @@ class Explanation:
 
     def nbytes(self) -> int:
         arrays = [self.attention, self.tokens, self.patch_embeddings, self.final_tokens, self.crop]
+        arrays += [a for a in (self.head_mean, self.distance) if a is not None]
         arrays += list(self.position_embeddings.values())
         if self.inner_attention is not None:
             arrays.append(self.inner_attention)
@@ -148,6 +174,159 @@ class RawCapture:
     patch_embeddings: torch.Tensor  # (B, N, D)
     final_tokens: torch.Tensor  # (B, T, D)
     inner_attention: list[torch.Tensor]  # TNT: L x (B * N, H_in, P, P)
+    head_mean: torch.Tensor | None = None  # (B, L, T, T) float32
+    distance: torch.Tensor | None = None  # (B, L, H) float64
+
+
+#: float32 values per block of query rows when attention is stored and summarised (and, on the
+#: CPU, computed): small enough to stay in the CPU cache
+_CHUNK = 1 << 18
+
+
+class _LayerStore:
+    """Where each layer's attention goes as it is produced: the (B, L, H, T, T) buffer in the
+    storage dtype, the head mean (B, L, T, T) and the mean attention distance (B, L, H).
+
+    All three are made in one pass over the float32 attention, block of query rows by block, so
+    each block is used while it is in the CPU cache: storing in float16 and summarising afterwards
+    would read the whole array again, and convert it back to float32 on the way.
+    """
+
+    def __init__(self, layers: int, layout: TokenLayout | None, attention_dtype: str) -> None:
+        self.layers, self.layout, self.attention_dtype = layers, layout, attention_dtype
+        self.buf: torch.Tensor | None = None
+        self.head_mean: torch.Tensor | None = None
+        self.distance: torch.Tensor | None = None
+        self.filled = 0
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _allocate(self, B: int, H: int, T: int) -> None:
+        dt = storage_dtype(B, self.layers, H, T, self.attention_dtype)
+        self.buf = torch.empty((B, self.layers, H, T, T), dtype=dt)
+        self.head_mean = torch.empty((B, self.layers, T, T), dtype=torch.float32)
+        lay = self.layout
+        self.dist = None
+        if lay is not None and lay.num_tokens == T and lay.num_patches > 0:
+            from .analysis.distance import patch_distances
+            self.prefix = lay.num_prefix
+            self.dist = torch.from_numpy(patch_distances(lay).astype(np.float32))
+            self.distance = torch.empty((B, self.layers, H), dtype=torch.float64)
+            self.num = torch.empty((B, H, lay.num_patches), dtype=torch.float32)
+            self.den = torch.empty((B, H, lay.num_patches), dtype=torch.float32)
+
+    def scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reusable float32 block (allocated once per capture: no fresh pages per block)."""
+        n = int(np.prod(shape))
+        t = self._scratch.get(name)
+        if t is None or t.numel() < n:
+            t = self._scratch[name] = torch.empty(n, dtype=torch.float32)
+        return t[:n].view(shape)
+
+    def rows_per_block(self, H: int, T: int) -> int:
+        return max(1, _CHUNK // (H * T))
+
+    def keep_rows(self, layer: int, b: slice, r0: int, blk: torch.Tensor) -> None:
+        """Store query rows ``r0 ..`` of images ``b``: ``blk`` (b, H, r, T) float32 on the CPU."""
+        assert self.buf is not None and self.head_mean is not None
+        r1 = r0 + blk.shape[2]
+        self.buf[b, layer, :, r0:r1].copy_(blk)
+        torch.sum(blk, 1, out=self.head_mean[b, layer, r0:r1])
+        if self.dist is not None:
+            p = self.prefix
+            q0 = max(r0, p)
+            if q0 < r1:  # patch queries to patch keys: Σ_k a_qk·d_qk as a batched dot product
+                qb = blk[:, :, q0 - r0:]
+                self.num[b, :, q0 - p:r1 - p] = torch.einsum("bhqk,qk->bhq", qb[..., p:], self.dist[q0 - p:r1 - p])
+                # renormalised over patch keys (summed: 1 - prefix share would lose every digit
+                # when prefix tokens take nearly all the attention, as attention sinks do)
+                torch.sum(qb[..., p:], -1, out=self.den[b, :, q0 - p:r1 - p])
+
+    def finish_layer(self, layer: int, H: int) -> None:
+        assert self.head_mean is not None
+        self.head_mean[:, layer].div_(H)
+        if self.distance is not None:
+            self.distance[:, layer] = (self.num / self.den.clamp_min(1e-12)).mean(-1)
+        self.filled += 1
+
+    def keep(self, layer: int, a: torch.Tensor) -> None:
+        """Store layer ``layer``'s attention ``a`` (B, H, T, T), rows summing to 1 (from a hook)."""
+        a = a.detach()
+        if a.device.type != "cpu" or a.dtype != torch.float32:
+            a = a.to("cpu", torch.float32)
+        B, H, T = a.shape[0], a.shape[1], a.shape[-1]
+        if self.buf is None:
+            self._allocate(B, H, T)
+        rows = self.rows_per_block(H, T)
+        for i in range(B):
+            for r0 in range(0, T, rows):
+                self.keep_rows(layer, slice(i, i + 1), r0, a[i:i + 1, :, r0:r0 + rows])
+        self.finish_layer(layer, H)
+
+    def attend(self, layer: int, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q·kᵀ)·v`` block of query rows by block, storing each block of attention on
+        the way: the (T, T) scores never exist whole. q (B, H, T, d) already scaled, kt (B, H, d, T),
+        v (B, H, T, d); returns (B, H, T, d)."""
+        B, H, T, hd = q.shape
+        if self.buf is None:
+            self._allocate(B, H, T)
+        out = torch.empty((B, H, T, hd), dtype=q.dtype)
+        rows = self.rows_per_block(H, T)
+        for i in range(B):
+            qi, kti, vi = q[i:i + 1], kt[i:i + 1], v[i:i + 1]
+            for r0 in range(0, T, rows):
+                r1 = min(T, r0 + rows)
+                shape = (1, H, r1 - r0, T)
+                scores = torch.matmul(qi[:, :, r0:r1], kti, out=self.scratch("scores", shape))
+                probs = torch.ops.aten._softmax.out(scores, -1, False, out=self.scratch("probs", shape))
+                self.keep_rows(layer, slice(i, i + 1), r0, probs)
+                out[i:i + 1, :, r0:r1] = torch.matmul(probs, vi)
+        self.finish_layer(layer, H)
+        return out
+
+
+def _blockable(mod: nn.Module) -> bool:
+    """timm's standard ``Attention`` (ViT, DeiT, DINOv2, registers), whose forward
+    :func:`_blocked_forward` reproduces; other attention classes keep the hook path."""
+    try:
+        from timm.layers.attention import Attention
+    except ImportError:  # pragma: no cover - old timm
+        return False
+    need = ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "num_heads", "head_dim", "scale", "attn_dim")
+    return (type(mod) is Attention and all(hasattr(mod, n) for n in need)
+            and "forward" not in mod.__dict__)  # never replace a forward someone else installed
+
+
+def _autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # pragma: no cover - torch before 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _blocked_forward(mod: nn.Module, store: _LayerStore, layer: int, owner: int):
+    """timm ``Attention.forward`` with the unfused softmax computed by :meth:`_LayerStore.attend`
+    (same arithmetic, checked by the tests against timm's own path). Other threads, masks, training
+    and non-CPU tensors take the class's own forward (unfused while capturing: the hook records)."""
+    own = type(mod).forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any):
+        if (args or any(v is not None and v is not False for v in kwargs.values())
+                or threading.get_ident() != owner or mod.training or x.device.type != "cpu"
+                or x.dtype != torch.float32 or _autocast()):
+            return own(mod, x, *args, **kwargs)  # masks, other threads ...: the class's own path
+        B, N, _ = x.shape
+        gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
+        qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = mod.q_norm(q), mod.k_norm(k)
+        x = store.attend(layer, q * mod.scale, k.transpose(-2, -1), v)
+        x = x.transpose(1, 2).reshape(B, N, mod.attn_dim)
+        x = mod.norm(x)
+        if gate is not None:
+            x = x * gate
+        return mod.proj_drop(mod.proj(x))
+
+    return forward
 
 
 def storage_dtype(batch: int, layers: int, heads: int, tokens: int, attention_dtype: str = "auto") -> torch.dtype:
@@ -160,12 +339,14 @@ def storage_dtype(batch: int, layers: int, heads: int, tokens: int, attention_dt
 
 
 def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
-            attention_dtype: str = "auto") -> RawCapture:
+            attention_dtype: str = "auto", blocked: bool = True) -> RawCapture:
     """Run ``model`` once on a normalised batch ``x`` and record attention and token states.
 
-    Each layer's attention is copied, as it is produced, into one preallocated CPU buffer
-    ``(B, L, H, T, T)`` of the storage dtype: no per-layer list, no stacking copy, so the peak is
-    the buffer plus one layer.
+    Each layer's attention goes, as it is produced, into one preallocated CPU buffer
+    ``(B, L, H, T, T)`` of the storage dtype, with its head mean and mean attention distance made
+    on the way (:class:`_LayerStore`). On the CPU, timm's standard ``Attention`` is computed block
+    of query rows by block (:func:`_blocked_forward`), so a layer's (T, T) float32 scores never
+    exist whole; other attention modules run their own unfused path under a hook.
 
     Args:
         model: a ViT-family or TNT timm model in eval mode.
@@ -173,6 +354,8 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
         attention: False records token states only (fused attention stays on: the fast path for
             embedding many images).
         attention_dtype: see :func:`storage_dtype`.
+        blocked: compute timm ``Attention`` block of query rows by block (on the CPU), storing
+            each block as it is made; False: timm's own unfused path and a hook for every layer.
 
     Raises:
         CaptureError: the forward pass failed, or the hooks recorded nothing.
@@ -181,17 +364,16 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
     attn_mods = families.attention_modules(model) if attention else []
     inner_mods = families.inner_attention_modules(model) if attention else []
     rec = _Recorder()
-    n_layers = len(attn_mods)
-    buf: list[torch.Tensor] = []  # the (B, L, H, T, T) buffer, allocated at the first layer
-    filled = [0]
+    try:
+        layout = families.layout_for(model, (int(x.shape[-2]), int(x.shape[-1])))
+    except Exception:  # an input the layout cannot describe: the capture itself will say what is wrong
+        layout = None
+    store = _LayerStore(len(attn_mods), layout, attention_dtype)
+    patched: list[nn.Module] = []
 
     def keep_attention(layer: int):
         def pick(out: torch.Tensor) -> None:
-            if not buf:
-                dt = storage_dtype(out.shape[0], n_layers, out.shape[1], out.shape[-1], attention_dtype)
-                buf.append(torch.empty((out.shape[0], n_layers, *out.shape[1:]), dtype=dt))
-            buf[0][:, layer].copy_(out)  # casts and moves to the CPU in one step
-            filled[0] += 1
+            store.keep(layer, out)
         return pick
 
     device = next(model.parameters()).device
@@ -203,6 +385,9 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
                 if hasattr(m, "fused_attn"):
                     m.fused_attn = False
                 rec.on_output(m.attn_drop, f"attention{i}", keep_attention(i))
+                if blocked and _blockable(m):
+                    m.forward = _blocked_forward(m, store, i, rec.owner)
+                    patched.append(m)
             for m in inner_mods:
                 rec.on_output(m.attn_drop, "inner")
             if fam == "tnt":
@@ -227,14 +412,16 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
                     code="forward_failed", shape=str(tuple(x.shape))) from err
         finally:
             rec.remove()
+            for m in patched:
+                m.__dict__.pop("forward", None)  # back to the class's forward
             for m, before in zip(attn_mods, fused_before):
                 if before is not None:
                     m.fused_attn = before
     s = rec.store
     n_blocks = len(model.blocks)
-    if attention and filled[0] != n_blocks:
+    if attention and store.filled != n_blocks:
         raise CaptureError(
-            f"Captured attention from {filled[0]} of {n_blocks} blocks: this model's "
+            f"Captured attention from {store.filled} of {n_blocks} blocks: this model's "
             "attention modules did not run the unfused path the hooks observe.", code="nothing_captured")
     if len(s.get("blocks", [])) != n_blocks or not s.get("embedded"):
         raise CaptureError("The hooks saw no token states: the model's forward path is not the one "
@@ -242,11 +429,13 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
     cpu = torch.device("cpu")
     return RawCapture(
         logits=logits.to(cpu),
-        attention=buf[0] if buf else None,
+        attention=store.buf,
         tokens=[t.to(cpu) for t in s["embedded"] + s["blocks"]],
         patch_embeddings=s["patch_embeddings"][0].to(cpu),
         final_tokens=s["final"][0].to(cpu),
         inner_attention=[t.to(cpu) for t in s.get("inner", [])],
+        head_mean=store.head_mean,
+        distance=store.distance,
     )
 
 
@@ -354,7 +543,9 @@ def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5)
         topk=[(int(c), names[int(c)], float(pr)) for pr, c in zip(top_p[i], top_i[i])],
         attention=attn_np[i], tokens=tokens[i], patch_embeddings=raw.patch_embeddings[i].float().numpy(),
         final_tokens=raw.final_tokens[i].float().numpy(), crop=p.crop, box=p.box, image_size=d.size,
-        position_embeddings=pos, inner_attention=None if inner is None else inner[i], notes=d.notes)
+        position_embeddings=pos, inner_attention=None if inner is None else inner[i], notes=d.notes,
+        head_mean=None if raw.head_mean is None else raw.head_mean[i].numpy(),
+        distance=None if raw.distance is None else raw.distance[i].numpy())
         for i, (d, p) in enumerate(zip(batch.decoded, batch.prepared))]
 
 

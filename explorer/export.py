@@ -33,7 +33,7 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
               model_name: str) -> dict[str, bytes]:
     """Every file of an explanation, in memory: ``{name: bytes}``."""
     lay = exp.layout
-    row = analysis.rollout_row(exp.attention, query, opts, lay.num_prefix)
+    row = exp.rollout_row(query, opts)
     pmap = analysis.patch_map(row, lay.num_prefix, lay.grid)
     maps = analysis.query_maps(exp.attention, query, lay)
 

@@ -104,6 +104,51 @@ def test_rollout_residual_weight():
     np.testing.assert_allclose(rollout_matrix(att, RolloutOptions(residual=1.0)), np.eye(6), atol=1e-6)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 19], ids=["row-by-row", "blocks", "whole"])
+def test_mean_row_streamed_in_blocks_equals_paper_formula(monkeypatch, dtype, chunk):
+    """The head-mean fast path reads the stored attention block by block (float16 converted per
+    block) and skips rows it does not need: same row as the paper's loops, at any block size."""
+    from explorer.analysis import rollout
+
+    monkeypatch.setattr(rollout, "_CHUNK", chunk)
+    att = random_attention(L=4, H=3, T=13, seed=11).astype(dtype)
+    for start in (0, 2):
+        ref = naive_abnar_zuidema(att.astype(np.float64), start=start)
+        for q in (0, 6, 12):
+            row = rollout_row(att, q, RolloutOptions(start_layer=start), 1)
+            np.testing.assert_allclose(row, ref[q], atol=1e-6)
+
+
+def test_discard_by_selection_equals_discard_by_sorting():
+    """kthvalue + ties (ours) zeroes the same links as a full sort would, row by row."""
+    import torch
+
+    from explorer.analysis.rollout import discard_weakest
+
+    rng = np.random.default_rng(4)
+    x = rng.random((3, 9, 17)).astype(np.float32)
+    for k in (1, 8, 16):
+        ours = torch.from_numpy(x.copy())
+        discard_weakest(ours, k)
+        order = np.argsort(x, axis=-1, kind="stable")[..., :k]
+        ref = x.copy()
+        np.put_along_axis(ref, order, 0.0, axis=-1)
+        np.testing.assert_array_equal(ours.numpy(), ref)
+
+
+def test_discard_with_nonzero_ties_drops_exactly_k():
+    import torch
+
+    from explorer.analysis.rollout import discard_weakest
+
+    row = torch.tensor([[0.5, 0.2, 0.2, 0.2, 0.9, 0.1, 0.2]])
+    discard_weakest(row, 3)  # 0.1 and two of the four 0.2s
+    assert int((row == 0).sum()) == 3
+    assert row[0, 5] == 0 and row[0, 0] == 0.5 and row[0, 4] == 0.9
+    assert int((row == 0.2).sum()) == 2
+
 @pytest.mark.parametrize("num_prefix", [1, 2, 5])
 def test_discard_never_zeroes_prefix_columns(num_prefix):
     from explorer.analysis.rollout import fuse
@@ -225,6 +270,22 @@ def test_mad_of_uniform_attention(grid):
     assert uniform_distance(layout) == pytest.approx(brute, rel=1e-9)
     assert patch_distances(layout).shape == (N, N)
 
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 1 << 19], ids=["row-by-row", "blocks", "whole"])
+def test_mad_in_blocks_and_float16_equals_einsum(monkeypatch, chunk):
+    """The block-wise float32 computation against one numpy einsum in float64 over the whole array,
+    from float32 and from float16 storage."""
+    from explorer.analysis import distance
+
+    monkeypatch.setattr(distance, "_CHUNK", chunk)
+    layout = TokenLayout(("cls", "reg"), (4, 5), (16, 16))
+    att = random_attention(L=2, H=3, T=layout.num_tokens, seed=8)
+    for stored in (att, att.astype(np.float16)):
+        a = stored.astype(np.float64)[:, :, 2:, 2:]
+        a = a / a.sum(-1, keepdims=True)
+        ref = np.einsum("lhqk,qk->lhq", a, patch_distances(layout)).mean(-1)
+        np.testing.assert_allclose(mean_attention_distance(stored, layout), ref, rtol=1e-5)
 
 def test_conv_receptive_field_and_distance():
     np.testing.assert_array_equal(conv_receptive_field(4), [3, 5, 7, 9])

@@ -403,3 +403,96 @@ def test_explanation_nbytes(vit_model, image):
     e = explorer.explain(vit_model, image)
     assert e.nbytes() >= e.attention.nbytes + e.tokens.nbytes + e.crop.nbytes
     assert e.num_layers == 2 and e.num_heads == 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_summaries_kept_at_capture_equal_recomputation(family_model, image, dtype, monkeypatch):
+    """The head means and attention distances made while storing each layer (block by block, here
+    a row or two at a time) equal their definitions recomputed from float32 attention."""
+    from explorer.analysis import RolloutOptions, rollout_matrix
+    from explorer.analysis.distance import patch_distances
+
+    key, m = family_model
+    ref = explorer.explain(m, image, attention_dtype="float32")
+    monkeypatch.setattr(capture_mod, "_CHUNK", 7)
+    e = explorer.explain(m, image, attention_dtype=dtype)
+    assert e.attention.dtype == np.dtype(dtype)
+    a32 = ref.attention.astype(np.float64)
+    np.testing.assert_allclose(e.head_mean, a32.mean(1), atol=1e-6)
+    lay = e.layout
+    p = lay.num_prefix
+    pa = a32[:, :, p:, p:] / a32[:, :, p:, p:].sum(-1, keepdims=True)
+    mad = np.einsum("lhqk,qk->lhq", pa, patch_distances(lay)).mean(-1)
+    np.testing.assert_allclose(e.attention_distance(), mad, rtol=1e-5)
+    for opts in (RolloutOptions(), RolloutOptions(start_layer=1), RolloutOptions(discard_ratio=0.5)):
+        q = lay.default_query()
+        full = rollout_matrix(ref.attention, opts, p)
+        tol = 1e-5 if dtype == "float32" or opts.discard_ratio == 0 else 2e-3
+        np.testing.assert_allclose(e.rollout_row(q, opts), full[q], atol=tol)
+
+
+def test_summaries_per_image_in_a_batch(vit_model):
+    imgs = [random_image(seed=s) for s in (30, 31)]
+    batch = explorer.explain_batch(vit_model, imgs)
+    for im, eb in zip(imgs, batch):
+        es = explorer.explain(vit_model, im)
+        np.testing.assert_allclose(eb.head_mean, es.head_mean, atol=1e-6)
+        np.testing.assert_allclose(eb.distance, es.distance, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["vit", "reg4", "deit_distilled", "dinov2", "gap"])
+def test_blocked_attention_equals_timm_unfused_path(key, image, monkeypatch):
+    """On the CPU timm's Attention is computed block of query rows by block (small blocks here);
+    everything it leaves behind equals timm's own unfused path under hooks, and the instance
+    forward is gone afterwards."""
+    m = build(key)
+    calls = []
+    real = capture_mod._LayerStore.attend
+    monkeypatch.setattr(capture_mod._LayerStore, "attend",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(capture_mod, "_CHUNK", 40)
+    x = _input(m, image)
+    blocked = capture_mod.capture(m.model, x)
+    assert len(calls) == len(m.model.blocks)
+    hooked = capture_mod.capture(m.model, x, blocked=False)
+    assert len(calls) == len(m.model.blocks)  # the hook path did not call it
+    np.testing.assert_allclose(blocked.logits, hooked.logits, atol=1e-5)
+    np.testing.assert_allclose(blocked.attention, hooked.attention, atol=1e-6)
+    np.testing.assert_allclose(blocked.head_mean, hooked.head_mean, atol=1e-6)
+    np.testing.assert_allclose(blocked.distance, hooked.distance, rtol=1e-5)
+    for tb, th in zip(blocked.tokens, hooked.tokens):
+        np.testing.assert_allclose(tb, th, atol=1e-5)
+    assert all("forward" not in a.__dict__ for a in families.attention_modules(m.model))
+
+
+@pytest.mark.parametrize("sink", [0.0, 17.0, 25.0])
+def test_capture_distance_when_prefix_tokens_take_nearly_all_attention(sink):
+    """Attention sinks: when the class token gets nearly all of a row, the share left on patches
+    is tiny and must be summed, not taken as 1 - prefix share (which loses every digit)."""
+    from explorer.analysis import mean_attention_distance
+    from explorer.families import TokenLayout
+
+    lay = TokenLayout(("cls",), (6, 6), (16, 16))
+    T = lay.num_tokens
+    logits = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 2, T, T)).astype(np.float32))
+    logits[..., 0] += sink
+    a = logits.softmax(-1)
+    store = capture_mod._LayerStore(1, lay, "float32")
+    store.keep(0, a)
+    np.testing.assert_allclose(store.distance[0].numpy(), mean_attention_distance(a.numpy(), lay), rtol=1e-4)
+
+
+def test_blocked_forward_removed_when_it_raises(image, monkeypatch):
+    m = build("vit")
+
+    def boom(self, *a):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(capture_mod._LayerStore, "attend", boom)
+    with pytest.raises(CaptureError):
+        explorer.explain(m, image)
+    assert all("forward" not in a.__dict__ for a in families.attention_modules(m.model))
+    monkeypatch.undo()
+    x = _input(m, image)
+    with torch.inference_mode():
+        np.testing.assert_allclose(capture_mod.capture(m.model, x).logits, m.model(x), atol=1e-5)

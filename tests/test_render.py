@@ -70,6 +70,26 @@ def test_overlay_with_box_dims_outside():
     assert np.abs(inside - expected).max() <= 1
 
 
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_overlay_in_bands_and_threads_equals_one_pass(monkeypatch, workers):
+    """Rows are blended a band at a time (and, on big images, bands on several threads): the
+    result is pixel for pixel the whole-image computation, whatever the band and thread split."""
+    import cv2
+
+    img = _image(203, 171, seed=9)
+    box = (20.4, 13.0, 151.6, 188.0)  # crosses band and thread boundaries on every side
+    m = np.random.default_rng(5).random((6, 6))
+    x0, y0, x1, y1 = 20, 13, 152, 188
+    ref = cv2.convertScaleAbs(img, alpha=0.35)
+    hm = ov.heatmap(m, (x1 - x0, y1 - y0))
+    ref[y0:y1, x0:x1] = cv2.addWeighted(img[y0:y1, x0:x1], 0.45, hm, 0.55, 0.0)
+    monkeypatch.setattr(ov, "_BAND_PIXELS", 171 * 7)  # 7 rows a band
+    monkeypatch.setattr(ov, "_PARALLEL_PIXELS", 1 if workers > 1 else 10**9)
+    monkeypatch.setattr(ov, "_workers", lambda pixels: workers)
+    out = ov.overlay(img, m, box=box, alpha=0.55)
+    np.testing.assert_array_equal(out, ref)
+
 def test_overlay_alpha_extremes():
     img = _image(40, 40)
     m = np.random.default_rng(3).random((2, 2))

@@ -35,12 +35,18 @@ def fuse(attn_layer: np.ndarray, opts: RolloutOptions, num_prefix: int) -> np.nd
     return fused_layers(attn_layer[None], opts, num_prefix, first=0)[0]
 
 
+#: float32 values converted at a time when reading float16 attention (fits in the CPU cache)
+_CHUNK = 1 << 19
+
+
 def fused_layers(attention: np.ndarray, opts: RolloutOptions, num_prefix: int,
-                 first: int | None = None) -> np.ndarray:
+                 first: int | None = None, head_mean: np.ndarray | None = None) -> np.ndarray:
     """``Â`` of every layer from ``first`` (default ``opts.start_layer``) up. (L', T, T) float32.
 
-    Computed with torch (multi-threaded, float16 storage read directly); callers that answer
-    many queries keep the result (see :func:`rollout_row`'s ``fused``).
+    Computed with torch layer by layer into one output array; callers that answer many queries
+    keep the result (see :func:`rollout_row`'s ``fused``). ``head_mean``: the (L, T, T) head
+    means when the caller has them (an Explanation keeps them from capture), used for mean fusion
+    instead of averaging the stored attention again.
     """
     import torch
 
@@ -48,24 +54,47 @@ def fused_layers(attention: np.ndarray, opts: RolloutOptions, num_prefix: int,
         raise InputError(f"head fusion must be one of {FUSIONS}, got {opts.head_fusion!r}",
                          code="bad_option", name="head_fusion")
     first = opts.start_layer if first is None else first
-    a = torch.from_numpy(np.ascontiguousarray(attention[first:]))  # (L', H, T, T)
+    a = torch.from_numpy(attention[first:])  # (L', H, T, T), a view
+    L, H, T = a.shape[0], a.shape[1], a.shape[-1]
+    f = torch.empty((L, T, T), dtype=torch.float32)
     with torch.inference_mode():
-        if opts.head_fusion == "mean":
-            f = a.float().mean(1) if a.dtype != torch.float32 else a.mean(1)
-        elif opts.head_fusion == "max":
-            f = a.amax(1).float()
-        else:
-            f = a.amin(1).float()
+        for layer in range(L):
+            out = f[layer]
+            if opts.head_fusion == "mean" and head_mean is not None:
+                out.copy_(torch.from_numpy(head_mean[first + layer]))
+            elif opts.head_fusion == "mean":
+                torch.sum(a[layer], 0, dtype=torch.float32, out=out)
+                out.div_(H)
+            elif opts.head_fusion == "max":
+                out.copy_(a[layer].amax(0))
+            else:
+                out.copy_(a[layer].amin(0))
         if opts.discard_ratio > 0:
-            patch = f[:, :, num_prefix:]  # (L', T, N) view
-            k = int(patch.shape[-1] * opts.discard_ratio)
-            if k > 0:  # exactly the k weakest links per row (ties would drop too many with a threshold)
-                weakest = patch.topk(k, dim=-1, largest=False).indices
-                patch.scatter_(-1, weakest, 0.0)
+            k = int((T - num_prefix) * opts.discard_ratio)
+            if k > 0:
+                discard_weakest(f[:, :, num_prefix:], k)
         f.mul_(1 - opts.residual)
         f.diagonal(dim1=-2, dim2=-1).add_(opts.residual)
         f.div_(f.sum(-1, keepdim=True))
-        return f.numpy()
+    return f.numpy()
+
+
+def discard_weakest(links, k: int) -> None:
+    """Zero exactly the ``k`` weakest entries of every row of ``links`` (a torch view, in place).
+
+    The k-th smallest value of each row is found by selection (``kthvalue``), not by sorting
+    (``topk``): at 1370 tokens that is several times faster. Everything below it goes; of the
+    entries equal to it, the first ones go until k are gone (ties are all but always zeros).
+    """
+    import torch
+
+    kth = links.kthvalue(k, dim=-1, keepdim=True).values
+    below = links < kth
+    tie = links == kth
+    # how many of the tied entries must go in each row, then the first that many of them
+    need = k - below.sum(-1, keepdim=True)
+    drop = below | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))
+    links.masked_fill_(drop, 0.0)
 
 
 def _check(attention: np.ndarray, opts: RolloutOptions, query: int | None) -> None:
@@ -83,7 +112,8 @@ def _check(attention: np.ndarray, opts: RolloutOptions, query: int | None) -> No
 
 
 def rollout_row(attention: np.ndarray, query: int, opts: RolloutOptions = RolloutOptions(),
-                num_prefix: int = 1, fused: np.ndarray | None = None) -> np.ndarray:
+                num_prefix: int = 1, fused: np.ndarray | None = None,
+                head_mean: np.ndarray | None = None) -> np.ndarray:
     """How much each token flows into ``query`` at the top: row ``query`` of the rollout. (T,)
 
     Args:
@@ -92,14 +122,77 @@ def rollout_row(attention: np.ndarray, query: int, opts: RolloutOptions = Rollou
         opts: head fusion, discard ratio, start layer.
         num_prefix: prefix tokens before the patches (never discarded).
         fused: :func:`fused_layers` for these ``opts``, when the caller keeps it.
+        head_mean: the (L, T, T) head means, when the caller keeps them (mean fusion, nothing
+            discarded: the row is then computed from them directly).
     """
+    import torch
+
     _check(attention, opts, query)
-    f = fused_layers(attention, opts, num_prefix) if fused is None else fused  # (L', T, T)
-    v = np.zeros(attention.shape[-1], dtype=np.float32)  # float32 like Â: no upcast copy per layer
+    if fused is None and opts.head_fusion == "mean" and opts.discard_ratio == 0:
+        if head_mean is not None:
+            return _row_from_means(head_mean, query, opts)
+        return _mean_row(attention, query, opts)
+    f = torch.from_numpy(fused_layers(attention, opts, num_prefix, head_mean=head_mean)
+                         if fused is None else fused)  # (L', T, T)
+    v = torch.zeros(attention.shape[-1], dtype=torch.float32)
     v[query] = 1.0
-    for layer in range(f.shape[0] - 1, -1, -1):  # top layer first: v ← v · Â_l
-        v = v @ f[layer]
-    return v
+    with torch.inference_mode():
+        for layer in range(f.shape[0] - 1, -1, -1):  # top layer first: v ← v · Â_l
+            v = torch.mv(f[layer].T, v)  # torch's matrix–vector product: ~3× numpy's v @ M here
+    return v.numpy()
+
+
+def _row_from_means(head_mean: np.ndarray, query: int, opts: RolloutOptions) -> np.ndarray:
+    """:func:`rollout_row` for mean fusion without discarding, from the head means ``M_l``:
+    ``v ← (1 - r)·w·M_l + r·w`` with ``w = v / ((1 - r)·M_l·1 + r)`` (the rows of ``Â``
+    renormalised, as :func:`fused_layers` does), two matrix–vector products per layer."""
+    import torch
+
+    m = torch.from_numpy(head_mean)
+    r = opts.residual
+    v = torch.zeros(m.shape[-1], dtype=torch.float32)
+    v[query] = 1.0
+    with torch.inference_mode():
+        ones = torch.ones(m.shape[-1], dtype=torch.float32)
+        for layer in range(m.shape[0] - 1, opts.start_layer - 1, -1):
+            w = v / ((1 - r) * torch.mv(m[layer], ones) + r)
+            v = (1 - r) * torch.mv(m[layer].T, w) + r * w
+    return v.numpy()
+
+
+def _mean_row(attention: np.ndarray, query: int, opts: RolloutOptions) -> np.ndarray:
+    """:func:`rollout_row` for head-mean fusion without discarding, straight from the stored
+    attention: ``v · Â_l`` is accumulated block of rows by block of rows (each block converted to
+    float32 in the CPU cache), and rows where ``v`` is zero are skipped, so the top layer costs one
+    row. One pass over the attention and no (L, T, T) array, where fusing first reads it and writes
+    a third as much again. The same arithmetic as :func:`fused_layers` (rows renormalised)."""
+    import torch
+
+    a = torch.from_numpy(attention)
+    H, T = a.shape[1], a.shape[-1]
+    r = opts.residual
+    rows = max(1, _CHUNK // (H * T))
+    buf = torch.empty((H, rows, T), dtype=torch.float32) if a.dtype != torch.float32 else None
+    v = torch.zeros(T, dtype=torch.float32)
+    v[query] = 1.0
+    with torch.inference_mode():
+        for layer in range(a.shape[0] - 1, opts.start_layer - 1, -1):
+            nxt = torch.zeros(T, dtype=torch.float32)
+            for r0 in range(0, T, rows):
+                r1 = min(T, r0 + rows)
+                vr = v[r0:r1]
+                if not bool(vr.any()):
+                    continue
+                blk = a[layer, :, r0:r1]
+                if buf is not None:
+                    blk = buf[:, :r1 - r0].copy_(blk)
+                mean_rows = blk.sum(0).div_(H)  # (r, T): the head mean of these rows
+                # row q of Â: ((1 - r)·m_q + r·e_q) / ((1 - r)·Σ m_q + r)
+                w = vr / ((1 - r) * mean_rows.sum(-1) + r)
+                nxt += (1 - r) * (w @ mean_rows)
+                nxt[r0:r1] += r * w
+            v = nxt
+    return v.numpy()
 
 
 def rollout_matrix(attention: np.ndarray, opts: RolloutOptions = RolloutOptions(),

@@ -86,7 +86,7 @@ def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_la
     q = s.query_token()
     opts = analysis.RolloutOptions(head_fusion=fusion, discard_ratio=float(discard),
                                    start_layer=int(min(start_layer, exp.num_layers - 1)))
-    row = analysis.rollout_row(exp.attention, q, opts, exp.layout.num_prefix, fused=exp.fused(opts))
+    row = exp.rollout_row(q, opts)
     pmap = analysis.patch_map(row, exp.layout.num_prefix, exp.layout.grid)
     disp = display_image(s)
     box, _ = _display_box(s)
@@ -248,7 +248,7 @@ def distance_view(s: Session, lang: str):
     exp = s.exp
     assert exp is not None
     lay = exp.layout
-    mad = dist.mean_attention_distance(exp.attention, lay)
+    mad = exp.attention_distance()
     L = exp.num_layers
     rf = dist.conv_receptive_field(L)
     fig = figures.distance_plot(

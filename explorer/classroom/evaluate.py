@@ -32,7 +32,7 @@ def rollout_figures(loaded, images, masks, batch: int = 64) -> dict:
         exps = explain_batch(loaded, list(images[i:i + batch]))
         for exp, mask in zip(exps, masks[i:i + batch]):
             lay = exp.layout
-            row = analysis.rollout_row(exp.attention, lay.default_query(), analysis.RolloutOptions(), lay.num_prefix)
+            row = exp.rollout_row(lay.default_query(), analysis.RolloutOptions())
             stats = analysis.mass_on(object_patches(mask, lay.grid), analysis.patch_map(row, lay.num_prefix, lay.grid))
             hits.append(stats["max_on_object"])
             masses.append(stats["mass"])

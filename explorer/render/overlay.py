@@ -5,12 +5,30 @@ that knows OpenCV's colour maps come out in BGR order.
 """
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import cv2
 import numpy as np
 
 COLORMAPS = {"inferno": cv2.COLORMAP_INFERNO, "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
              "viridis": cv2.COLORMAP_VIRIDIS, "magma": cv2.COLORMAP_MAGMA}
 _LUTS: dict[str, np.ndarray] = {}
+_BAND_PIXELS = 1 << 16  # pixels per band of rows when blending
+_PARALLEL_PIXELS = 1 << 20  # images from this size are blended on several threads
+_POOLS: dict[int, Any] = {}
+
+
+def _workers(pixels: int) -> int:
+    return 1 if pixels < _PARALLEL_PIXELS else max(1, min(4, cv2.getNumThreads(), os.cpu_count() or 1))
+
+
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="overlay")
+    return _POOLS[workers]
 
 
 def colormap_lut(name: str = "inferno") -> np.ndarray:
@@ -58,13 +76,33 @@ def overlay(image: np.ndarray, m: np.ndarray, *, box: tuple[float, float, float,
     ix0, iy0 = max(0, int(round(x0))), max(0, int(round(y0)))
     ix1, iy1 = min(w, max(ix0 + 1, int(round(x1)))), min(h, max(iy0 + 1, int(round(y1))))
     out = np.empty_like(image)
-    # dim only what lies outside the box: four strips, each pixel touched once
-    for sl in (np.s_[:iy0, :], np.s_[iy1:, :], np.s_[iy0:iy1, :ix0], np.s_[iy0:iy1, ix1:]):
-        if image[sl].size:
-            out[sl] = cv2.convertScaleAbs(image[sl], alpha=dim_outside)
-    region = image[iy0:iy1, ix0:ix1]
-    hm = heatmap(m, (ix1 - ix0, iy1 - iy0), colormap, smooth)
-    cv2.addWeighted(region, 1.0 - alpha, hm, alpha, 0.0, dst=out[iy0:iy1, ix0:ix1])
+    rw, rh = ix1 - ix0, iy1 - iy0
+    big = cv2.resize(np.round(normalise(m) * 255).astype(np.uint8), (rw, rh),
+                     interpolation=cv2.INTER_CUBIC if smooth else cv2.INTER_NEAREST)
+    lut = colormap_lut(colormap).reshape(256, 1, 3)
+    band = max(1, _BAND_PIXELS // w)
+
+    def rows(ya: int, yb: int) -> None:
+        """Output rows ``ya .. yb``, a band at a time: the band's photo, heatmap and output stay
+        in the CPU cache (colouring the whole region first, then blending, read it all twice)."""
+        for y in range(ya, yb, band):
+            y2 = min(yb, y + band)
+            lo, hi = max(y, iy0), min(y2, iy1)  # the band's rows inside the box
+            if lo >= hi:
+                cv2.convertScaleAbs(image[y:y2], dst=out[y:y2], alpha=dim_outside)
+                continue
+            for sl in (np.s_[y:lo], np.s_[hi:y2], np.s_[lo:hi, :ix0], np.s_[lo:hi, ix1:]):
+                if image[sl].size:  # outside the box: dimmed
+                    cv2.convertScaleAbs(image[sl], dst=out[sl], alpha=dim_outside)
+            hm = cv2.applyColorMap(big[lo - iy0:hi - iy0], lut)
+            cv2.addWeighted(image[lo:hi, ix0:ix1], 1.0 - alpha, hm, alpha, 0.0, dst=out[lo:hi, ix0:ix1])
+
+    workers = _workers(h * w)
+    if workers > 1:  # OpenCV releases the GIL: bands of rows on several cores
+        cuts = [round(i * h / workers) for i in range(workers + 1)]
+        list(_pool(workers).map(lambda i: rows(cuts[i], cuts[i + 1]), range(workers)))
+    else:
+        rows(0, h)
     return out
 
 
