@@ -180,7 +180,7 @@ class RawCapture:
 
 #: float32 values per block of query rows when attention is stored and summarised (and, on the
 #: CPU, computed): small enough to stay in the CPU cache
-_CHUNK = 1 << 18
+_CHUNK = 1 << 20
 
 
 class _LayerStore:

@@ -57,13 +57,19 @@ def fused_layers(attention: np.ndarray, opts: RolloutOptions, num_prefix: int,
     a = torch.from_numpy(attention[first:])  # (L', H, T, T), a view
     L, H, T = a.shape[0], a.shape[1], a.shape[-1]
     f = torch.empty((L, T, T), dtype=torch.float32)
+    conv = None
     with torch.inference_mode():
         for layer in range(L):
             out = f[layer]
             if opts.head_fusion == "mean" and head_mean is not None:
                 out.copy_(torch.from_numpy(head_mean[first + layer]))
             elif opts.head_fusion == "mean":
-                torch.sum(a[layer], 0, dtype=torch.float32, out=out)
+                if a.dtype == torch.float32:
+                    torch.sum(a[layer], 0, out=out)
+                else:  # float16: convert a layer into a reused buffer (summing with dtype= is 3× slower)
+                    if conv is None:
+                        conv = torch.empty((H, T, T), dtype=torch.float32)
+                    torch.sum(conv.copy_(a[layer]), 0, out=out)
                 out.div_(H)
             elif opts.head_fusion == "max":
                 out.copy_(a[layer].amax(0))
@@ -82,19 +88,45 @@ def fused_layers(attention: np.ndarray, opts: RolloutOptions, num_prefix: int,
 def discard_weakest(links, k: int) -> None:
     """Zero exactly the ``k`` weakest entries of every row of ``links`` (a torch view, in place).
 
-    The k-th smallest value of each row is found by selection (``kthvalue``), not by sorting
-    (``topk``): at 1370 tokens that is several times faster. Everything below it goes; of the
-    entries equal to it, the first ones go until k are gone (ties are all but always zeros).
+    The k-th smallest value of each row is found by selection (numpy's introselect, rows split
+    over two threads), not by sorting: for the 12 layers of a 1370-token model ``topk`` took 1.1 s,
+    ``kthvalue`` 0.7 s, this 0.2 s (half of it zeroing the links and renormalising). Everything below it goes; of the entries equal to it, the first ones
+    go until k are gone (ties are all but always zeros).
     """
     import torch
 
-    kth = links.kthvalue(k, dim=-1, keepdim=True).values
-    below = links < kth
-    tie = links == kth
-    # how many of the tied entries must go in each row, then the first that many of them
-    need = k - below.sum(-1, keepdim=True)
-    drop = below | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))
-    links.masked_fill_(drop, 0.0)
+    if links.ndim == 1:
+        return discard_weakest(links[None], k)
+    x = links.numpy()
+    flat = x.reshape(-1, x.shape[-1])
+    kth = np.empty((flat.shape[0], 2), dtype=x.dtype)  # the k-th and (k+1)-th smallest of each row
+
+    def select(lo: int, hi: int) -> None:  # numpy releases the GIL while partitioning
+        part = np.partition(flat[lo:hi], k - 1, axis=-1)  # (two kth at once: 5× slower)
+        kth[lo:hi, 0] = part[:, k - 1]
+        kth[lo:hi, 1] = part[:, k:].min(-1) if k < part.shape[-1] else np.inf
+
+    n = flat.shape[0]
+    if n >= 4096:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda i: select(i * n // 2, (i + 1) * n // 2), range(2)))
+    else:
+        select(0, n)
+    # a tie at the k-th value matters only if the (k+1)-th equals it and it is not zero (zeroing
+    # tied zeros changes nothing): in those rare rows the first of the tied entries go
+    tied = (kth[:, 0] == kth[:, 1]) & (kth[:, 0] > 0)
+    value = torch.from_numpy(np.ascontiguousarray(kth[:, :1])).reshape(*links.shape[:-1], 1)
+    rows = torch.from_numpy(tied.reshape(links.shape[:-1])) if tied.any() else None
+    orig = links[rows].clone() if rows is not None else None  # before zeroing
+    links.mul_(links > value)  # keep what is above the k-th value: one pass, no mask kept
+    if rows is not None:
+        v = value[rows]
+        below = orig < v
+        tie = orig == v
+        need = k - below.sum(-1, keepdim=True)
+        drop = below | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))
+        links[rows] = orig.masked_fill(drop, 0.0)
 
 
 def _check(attention: np.ndarray, opts: RolloutOptions, query: int | None) -> None:
