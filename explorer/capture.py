@@ -13,6 +13,7 @@ thread that registered it, so two threads explaining at once never mix their res
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -183,6 +184,17 @@ class RawCapture:
 _CHUNK = 1 << 20
 
 
+@functools.lru_cache(maxsize=8)
+def _distances_for(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+    from .analysis.distance import _patch_distances
+    return torch.from_numpy(_patch_distances(grid, patch_size).astype(np.float32))
+
+
+def _distances32(layout: TokenLayout) -> torch.Tensor:
+    """Patch-centre distances as a float32 tensor, kept per grid (never written to)."""
+    return _distances_for(tuple(layout.grid), tuple(layout.patch_size))
+
+
 class _LayerStore:
     """Where each layer's attention goes as it is produced: the (B, L, H, T, T) buffer in the
     storage dtype, the head mean (B, L, T, T) and the mean attention distance (B, L, H).
@@ -207,9 +219,8 @@ class _LayerStore:
         lay = self.layout
         self.dist = None
         if lay is not None and lay.num_tokens == T and lay.num_patches > 0:
-            from .analysis.distance import patch_distances
             self.prefix = lay.num_prefix
-            self.dist = torch.from_numpy(patch_distances(lay).astype(np.float32))
+            self.dist = _distances32(lay)
             self.distance = torch.empty((B, self.layers, H), dtype=torch.float64)
             self.num = torch.empty((B, H, lay.num_patches), dtype=torch.float32)
             self.den = torch.empty((B, H, lay.num_patches), dtype=torch.float32)
@@ -256,10 +267,9 @@ class _LayerStore:
         B, H, T = a.shape[0], a.shape[1], a.shape[-1]
         if self.buf is None:
             self._allocate(B, H, T)
-        rows = self.rows_per_block(H, T)
-        for i in range(B):
-            for r0 in range(0, T, rows):
-                self.keep_rows(layer, slice(i, i + 1), r0, a[i:i + 1, :, r0:r0 + rows])
+        rows = max(1, _CHUNK // (B * H * T))  # every image at once: few, larger blocks
+        for r0 in range(0, T, rows):
+            self.keep_rows(layer, slice(None), r0, a[:, :, r0:r0 + rows])
         self.finish_layer(layer, H)
 
     def attend(self, layer: int, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

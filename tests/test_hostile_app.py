@@ -410,3 +410,27 @@ def test_every_error_code_has_a_chinese_message():
         raised |= set(re.findall(r'code="([a-z_]+)"', f.read_text(encoding="utf-8")))
     known = {k.split(".")[0] for k in ERRORS_ZH}
     assert raised - known == set()
+
+
+@pytest.mark.parametrize("env, allowed", [({}, True), ({"SPACE_ID": "someone/explorer"}, False),
+                                          ({"SPACE_ID": "someone/explorer", "VIT_EXPLORER_LOCAL_DIRS": "1"}, True),
+                                          ({"VIT_EXPLORER_LOCAL_DIRS": "0"}, False)],
+                         ids=["local", "space", "space-opted-in", "opted-out"])
+@pytest.mark.parametrize("lang", ["en", "zh-CN"])
+def test_server_folders_can_be_closed_to_visitors(monkeypatch, tmp_path, env, allowed, lang):
+    """On a public Space a visitor may not name server folders ('local-dir:'), which would let the
+    error messages tell which folders exist; locally it stays open. Either way the previous model
+    is said to be still loaded."""
+    from explorer.app import handlers
+    from explorer.app.i18n import t
+
+    for k in ("SPACE_ID", "VIT_EXPLORER_LOCAL_DIRS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for spec, arch in ((f"local-dir:{tmp_path}", None), ("vit_tiny_patch16_224", f"LOCAL-DIR:{tmp_path}")):
+        with pytest.raises(handlers.UserError) as ei:
+            handlers.load(spec, "weights.pth" if arch else None, arch, lang, previous="classroom-vit")
+        text = str(ei.value)
+        assert (t(lang, "local_dir_off") in text) != allowed
+        assert "classroom-vit" in text

@@ -90,6 +90,16 @@ def examples(kind: str) -> list[str]:
 # ----------------------------------------------------------------------------- model
 
 
+def local_dirs_allowed() -> bool:
+    """May users name folders on the server (``local-dir:``)? ``VIT_EXPLORER_LOCAL_DIRS=0/1``;
+    by default yes, except on a Hugging Face Space (``SPACE_ID`` set), where a visitor could
+    otherwise probe the server's folders through the error messages."""
+    value = os.environ.get("VIT_EXPLORER_LOCAL_DIRS")
+    if value is not None and value.strip():
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return not os.environ.get("SPACE_ID")
+
+
 def load(spec: str, checkpoint: str | None, arch: str | None, lang: str,
          previous: str | None = None) -> tuple[Any, str]:
     """Load a model (shared bounded cache). Returns ``(loaded, status markdown)``.
@@ -97,6 +107,10 @@ def load(spec: str, checkpoint: str | None, arch: str | None, lang: str,
     A checkpoint file comes with an architecture name (``arch``, or ``spec`` when it is a timm name).
     """
     spec = (spec or "").strip()
+    named = ((arch or "").strip() or spec) if checkpoint else spec
+    if named.lower().startswith("local-dir:") and not local_dirs_allowed():
+        msg = t(lang, "local_dir_off")
+        raise UserError(msg + (" " + t(lang, "kept_model", name=previous) if previous else ""))
     try:
         if checkpoint:
             name = (arch or "").strip() or spec

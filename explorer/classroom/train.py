@@ -234,6 +234,8 @@ def save(model, cfg: TrainConfig, curve: Curve, out: Path, minutes: float, previ
         "classes": list(shapes.CLASSES), "classes_zh": list(shapes.CLASSES_ZH),
         "settings": asdict(cfg), "train_seed": TRAIN_SEED, "val_seed": VAL_SEED,
         "minutes": round(minutes, 1), "torch": torch.__version__,
+        "images_seen": curve.images[-1] if curve.images else 0,
+        "stopped_by_time_limit": bool(curve.images) and curve.images[-1] < cfg.images,
         "threads": torch.get_num_threads(), "curve": asdict(curve),
         "command": f"vit-explorer train-classroom --model {cfg.model} --images {cfg.images} --seed {cfg.seed} "
                    f"--threads {cfg.threads} --init {cfg.init}"
