@@ -233,9 +233,6 @@ class _LayerStore:
             t = self._scratch[name] = torch.empty(n, dtype=torch.float32)
         return t[:n].view(shape)
 
-    def rows_per_block(self, H: int, T: int) -> int:
-        return max(1, _CHUNK // (H * T))
-
     def keep_rows(self, layer: int, b: slice, r0: int, blk: torch.Tensor) -> None:
         """Store query rows ``r0 ..`` of images ``b``: ``blk`` (b, H, r, T) float32 on the CPU."""
         assert self.buf is not None and self.head_mean is not None
@@ -280,7 +277,7 @@ class _LayerStore:
         if self.buf is None:
             self._allocate(B, H, T)
         out = torch.empty((B, H, T, hd), dtype=q.dtype)
-        rows = self.rows_per_block(H, T)
+        rows = max(1, _CHUNK // (H * T))  # one image at a time (the matmuls want whole heads)
         for i in range(B):
             qi, kti, vi = q[i:i + 1], kt[i:i + 1], v[i:i + 1]
             for r0 in range(0, T, rows):
