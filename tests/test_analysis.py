@@ -430,6 +430,22 @@ def test_tsne_separates_clusters():
     assert silhouette_score(y, labels) > 0.7
 
 
+
+def test_tsne_of_many_points_keeps_neighbourhoods():
+    """The shorter schedule above 500 points still keeps each point's neighbours (trustworthiness,
+    Venna & Kaski) and its clusters apart."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import trustworthiness
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (10, 256))
+    labels = rng.integers(0, 10, 600)
+    x = (centres[labels] + rng.normal(0, 0.8, (600, 256))).astype(np.float32)
+    y = tsne_2d(x)
+    assert trustworthiness(PCA(50, random_state=0).fit_transform(x), y, n_neighbors=10) > 0.95
+    assert silhouette_score(y, labels) > 0.5
+
 def test_silhouette():
     rng = np.random.default_rng(0)
     x = np.concatenate([np.eye(3)[i] * 10 + rng.normal(0, 0.05, (8, 3)) for i in range(3)])
