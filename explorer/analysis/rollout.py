@@ -90,8 +90,9 @@ def discard_weakest(links, k: int) -> None:
 
     The k-th smallest value of each row is found by selection (numpy's introselect, rows split
     over two threads), not by sorting: for the 12 layers of a 1370-token model ``topk`` took 1.1 s,
-    ``kthvalue`` 0.7 s, this 0.2 s (half of it zeroing the links and renormalising). Everything below it goes; of the entries equal to it, the first ones
-    go until k are gone (ties are all but always zeros).
+    ``kthvalue`` 0.7 s, this 0.2 s (half of it zeroing the links). Everything below the k-th value
+    goes; of the entries equal to it, the first ones go until k are gone (ties are all but always
+    zeros).
     """
     import torch
 

@@ -53,10 +53,13 @@ def heatmap(m: np.ndarray, size: tuple[int, int], colormap: str = "inferno",
     The map is resized as values and then coloured with ``cv2.applyColorMap`` and our RGB table
     as a user colour map (numpy fancy indexing of a 12-MP image costs ~15× more).
     """
+    return cv2.applyColorMap(_scaled_values(m, size, smooth), colormap_lut(colormap).reshape(256, 1, 3))
+
+
+def _scaled_values(m: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndarray:
+    """A map normalised to 0..255 and resized (as values) to ``size`` = (width, height). uint8."""
     u8 = np.round(normalise(m) * 255).astype(np.uint8)
-    interp = cv2.INTER_CUBIC if smooth else cv2.INTER_NEAREST
-    big = cv2.resize(u8, size, interpolation=interp)
-    return cv2.applyColorMap(big, colormap_lut(colormap).reshape(256, 1, 3))
+    return cv2.resize(u8, size, interpolation=cv2.INTER_CUBIC if smooth else cv2.INTER_NEAREST)
 
 
 def overlay(image: np.ndarray, m: np.ndarray, *, box: tuple[float, float, float, float] | None = None,
@@ -77,8 +80,7 @@ def overlay(image: np.ndarray, m: np.ndarray, *, box: tuple[float, float, float,
     ix1, iy1 = min(w, max(ix0 + 1, int(round(x1)))), min(h, max(iy0 + 1, int(round(y1))))
     out = np.empty_like(image)
     rw, rh = ix1 - ix0, iy1 - iy0
-    big = cv2.resize(np.round(normalise(m) * 255).astype(np.uint8), (rw, rh),
-                     interpolation=cv2.INTER_CUBIC if smooth else cv2.INTER_NEAREST)
+    big = _scaled_values(m, (rw, rh), smooth)
     lut = colormap_lut(colormap).reshape(256, 1, 3)
     band = max(1, _BAND_PIXELS // w)
 
