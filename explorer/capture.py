@@ -14,6 +14,7 @@ thread that registered it, so two threads explaining at once never mix their res
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ class RawCapture:
     tokens: list[torch.Tensor]  # (L + 1) x (B, T, D)
     patch_embeddings: torch.Tensor  # (B, N, D)
     final_tokens: torch.Tensor  # (B, T, D)
-    inner_attention: list[torch.Tensor]  # TNT: L x (B * N, H_in, P, P)
+    inner_attention: torch.Tensor | None  # TNT: (L, B * N, H_in, P, P) float32; None for ViTs
     head_mean: torch.Tensor | None = None  # (B, L, T, T) float32
     distance: torch.Tensor | None = None  # (B, L, H) float64
 
@@ -186,13 +187,53 @@ _CHUNK = 1 << 20
 
 @functools.lru_cache(maxsize=8)
 def _distances_for(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+    """(P, 2, P) float32: patch-centre distances above ones, so that one batched matrix product
+    over a block of attention rows gives Σ_k a_qk·d_qk and Σ_k a_qk together (kept per grid,
+    never written to)."""
     from .analysis.distance import _patch_distances
-    return torch.from_numpy(_patch_distances(grid, patch_size).astype(np.float32))
+    d = torch.from_numpy(_patch_distances(grid, patch_size).astype(np.float32))
+    return torch.stack([d, torch.ones_like(d)], 1)
 
 
-def _distances32(layout: TokenLayout) -> torch.Tensor:
-    """Patch-centre distances as a float32 tensor, kept per grid (never written to)."""
-    return _distances_for(tuple(layout.grid), tuple(layout.patch_size))
+class _BufferPool:
+    """Large capture buffers, handed out again once nothing refers to them.
+
+    A fresh 258 MB float16 buffer (DINOv2-S at 1370 tokens) costs about 0.1 s of page faults on
+    its first write, more than the rest of the storing; a plain forward pass never pays this
+    because the allocator recycles its small activations. Here the last capture's buffers are
+    recycled by the next one if every tensor made from them is gone by then (explaining images one
+    after another): the pool holds the newest :attr:`keep` numpy arrays, and an array whose only
+    references are the pool's own is free. Memory kept idle is at most those arrays.
+
+    Arrays come from numpy, whose large allocations ask Linux for transparent huge pages: even a
+    fresh buffer then takes a few hundred page faults instead of sixty thousand.
+    """
+
+    #: smaller buffers go straight to numpy (the C allocator reuses those without faulting)
+    min_bytes = 32 * 2**20
+    #: one capture's attention and head means
+    keep = 2
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = np.dtype({torch.float16: np.float16, torch.float32: np.float32}[dtype])
+        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        if nbytes < self.min_bytes:
+            return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+        with self._lock:  # the tensor exists before the lock goes: no two captures share an array
+            for arr in self._arrays:
+                # free: referenced only by the pool's list, this loop and getrefcount's argument
+                if arr.nbytes == nbytes and sys.getrefcount(arr) <= 3:
+                    return torch.from_numpy(arr.view(np_dtype).reshape(shape))
+            fresh = np.empty(nbytes, dtype=np.uint8)
+            self._arrays = (self._arrays + [fresh])[-self.keep:]
+            return torch.from_numpy(fresh.view(np_dtype).reshape(shape))
+
+
+_BUFFERS = _BufferPool()
 
 
 class _LayerStore:
@@ -210,17 +251,18 @@ class _LayerStore:
         self.head_mean: torch.Tensor | None = None
         self.distance: torch.Tensor | None = None
         self.filled = 0
+        self.prefix = 0
         self._scratch: dict[str, torch.Tensor] = {}
 
     def _allocate(self, B: int, H: int, T: int) -> None:
         dt = storage_dtype(B, self.layers, H, T, self.attention_dtype)
-        self.buf = torch.empty((B, self.layers, H, T, T), dtype=dt)
-        self.head_mean = torch.empty((B, self.layers, T, T), dtype=torch.float32)
+        self.buf = _BUFFERS.empty((B, self.layers, H, T, T), dt)
+        self.head_mean = _BUFFERS.empty((B, self.layers, T, T), torch.float32)
         lay = self.layout
         self.dist = None
         if lay is not None and lay.num_tokens == T and lay.num_patches > 0:
             self.prefix = lay.num_prefix
-            self.dist = _distances32(lay)
+            self.dist = _distances_for(tuple(lay.grid), tuple(lay.patch_size))
             self.distance = torch.empty((B, self.layers, H), dtype=torch.float64)
             self.num = torch.empty((B, H, lay.num_patches), dtype=torch.float32)
             self.den = torch.empty((B, H, lay.num_patches), dtype=torch.float32)
@@ -233,25 +275,32 @@ class _LayerStore:
             t = self._scratch[name] = torch.empty(n, dtype=torch.float32)
         return t[:n].view(shape)
 
-    def keep_rows(self, layer: int, b: slice, r0: int, blk: torch.Tensor) -> None:
-        """Store query rows ``r0 ..`` of images ``b``: ``blk`` (b, H, r, T) float32 on the CPU."""
+    def keep_rows(self, layer: int, i0: int, r0: int, blk: torch.Tensor, stored: bool = False) -> None:
+        """Store query rows ``r0 ..`` of images ``i0 ..``: ``blk`` (b, H, r, T) float32 on the CPU,
+        each image's heads laid out as (H, r·T) with unit stride inside a head; ``stored``: ``blk``
+        is the storage buffer's own block already."""
         assert self.buf is not None and self.head_mean is not None
-        r1 = r0 + blk.shape[2]
-        self.buf[b, layer, :, r0:r1].copy_(blk)
-        torch.sum(blk, 1, out=self.head_mean[b, layer, r0:r1])
-        if self.dist is not None:
-            p = self.prefix
-            q0 = max(r0, p)
-            if q0 < r1:  # patch queries to patch keys: Σ_k a_qk·d_qk as a batched dot product
-                qb = blk[:, :, q0 - r0:]
-                self.num[b, :, q0 - p:r1 - p] = torch.einsum("bhqk,qk->bhq", qb[..., p:], self.dist[q0 - p:r1 - p])
-                # renormalised over patch keys (summed: 1 - prefix share would lose every digit
-                # when prefix tokens take nearly all the attention, as attention sinks do)
-                torch.sum(qb[..., p:], -1, out=self.den[b, :, q0 - p:r1 - p])
+        H, r1 = blk.shape[1], r0 + blk.shape[2]
+        images = slice(i0, i0 + blk.shape[0])
+        if not stored:
+            self.buf[images, layer, :, r0:r1].copy_(blk)
+        weights = self.scratch("head_weights", (1, H)).fill_(1.0 / H)
+        means = self.head_mean[images, layer, r0:r1]
+        p = self.prefix
+        q0 = max(r0, p)
+        for j in range(blk.shape[0]):
+            # the head mean as a (1, H)·(H, r·T) product: no zero-fill and no second pass to divide
+            torch.mm(weights, blk[j].reshape(H, -1), out=means[j].view(1, -1))
+            if self.dist is not None and q0 < r1:
+                # patch queries to patch keys, per query row q: [Σ_k a_qk·d_qk, Σ_k a_qk] for every
+                # head, renormalised over patch keys later (summed: 1 - prefix share would lose
+                # every digit when prefix tokens take nearly all the attention, as sinks do)
+                # (q, 2, k)·(q, k, H): the GEMM layout MKL does fastest here (1.7x the (q, H, k)·(q, k, 2))
+                sums = torch.bmm(self.dist[q0 - p:r1 - p], blk[j, :, q0 - r0:, p:].permute(1, 2, 0))
+                self.num[i0 + j, :, q0 - p:r1 - p] = sums[:, 0].T
+                self.den[i0 + j, :, q0 - p:r1 - p] = sums[:, 1].T
 
     def finish_layer(self, layer: int, H: int) -> None:
-        assert self.head_mean is not None
-        self.head_mean[:, layer].div_(H)
         if self.distance is not None:
             self.distance[:, layer] = (self.num / self.den.clamp_min(1e-12)).mean(-1)
         self.filled += 1
@@ -266,41 +315,57 @@ class _LayerStore:
             self._allocate(B, H, T)
         rows = max(1, _CHUNK // (B * H * T))  # every image at once: few, larger blocks
         for r0 in range(0, T, rows):
-            self.keep_rows(layer, slice(None), r0, a[:, :, r0:r0 + rows])
+            self.keep_rows(layer, 0, r0, a[:, :, r0:r0 + rows])
         self.finish_layer(layer, H)
 
-    def attend(self, layer: int, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``softmax(q·kᵀ)·v`` block of query rows by block, storing each block of attention on
-        the way: the (T, T) scores never exist whole. q (B, H, T, d) already scaled, kt (B, H, d, T),
-        v (B, H, T, d); returns (B, H, T, d)."""
+    def attend(self, layer: int, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """``softmax(scale·q·kᵀ)·v`` block of query rows by block, storing each block of attention
+        on the way: the (T, T) scores never exist whole. q (B, H, T, d), kt (B, H, d, T),
+        v (B, H, T, d); returns (B, T, H, d), the layout the projection wants next.
+
+        With float32 storage the scores are computed in the storage buffer itself (no copy: a
+        batch of 32 ViT-B images stores 0.7 GB); with float16 they go through a cached block."""
         B, H, T, hd = q.shape
         if self.buf is None:
             self._allocate(B, H, T)
-        out = torch.empty((B, H, T, hd), dtype=q.dtype)
+        assert self.buf is not None
+        out = torch.empty((B, T, H, v.shape[-1]), dtype=q.dtype)
         rows = max(1, _CHUNK // (H * T))  # one image at a time (the matmuls want whole heads)
         for i in range(B):
-            qi, kti, vi = q[i:i + 1], kt[i:i + 1], v[i:i + 1]
+            qi, kti, vi = q[i], kt[i].contiguous(), v[i]  # kᵀ contiguous: the faster GEMM layout
             for r0 in range(0, T, rows):
                 r1 = min(T, r0 + rows)
-                shape = (1, H, r1 - r0, T)
-                scores = torch.matmul(qi[:, :, r0:r1], kti, out=self.scratch("scores", shape))
-                probs = torch.ops.aten._softmax.out(scores, -1, False, out=self.scratch("probs", shape))
-                self.keep_rows(layer, slice(i, i + 1), r0, probs)
-                out[i:i + 1, :, r0:r1] = torch.matmul(probs, vi)
+                probs = self.buf[i, layer, :, r0:r1]
+                stored = probs.dtype == torch.float32 and probs.is_contiguous()
+                if not stored:
+                    probs = self.scratch("scores", (H, r1 - r0, T))
+                torch.baddbmm(probs, qi[:, r0:r1], kti, beta=0.0, alpha=scale, out=probs)
+                torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # in place: one block in cache
+                self.keep_rows(layer, i, r0, probs.unsqueeze(0), stored=stored)
+                pv = torch.bmm(probs, vi, out=self.scratch("out", (H, r1 - r0, vi.shape[-1])))
+                out[i, r0:r1].copy_(pv.transpose(0, 1))
         self.finish_layer(layer, H)
         return out
 
 
-def _blockable(mod: nn.Module) -> bool:
-    """timm's standard ``Attention`` (ViT, DeiT, DINOv2, registers), whose forward
-    :func:`_blocked_forward` reproduces; other attention classes keep the hook path."""
+def _blockable(mod: nn.Module) -> str | None:
+    """Which reproduced forward fits ``mod``: ``"vit"`` for timm's standard ``Attention`` (ViT,
+    DeiT, DINOv2, registers), ``"tnt"`` for TNT's ``Attention`` (inner and outer); None for other
+    classes, which keep the hook path."""
     try:
         from timm.layers.attention import Attention
+        from timm.models.tnt import Attention as TntAttention
     except ImportError:  # pragma: no cover - old timm
-        return False
-    need = ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "num_heads", "head_dim", "scale", "attn_dim")
-    return (type(mod) is Attention and all(hasattr(mod, n) for n in need)
-            and "forward" not in mod.__dict__)  # never replace a forward someone else installed
+        return None
+    if "forward" in mod.__dict__:
+        return None  # never replace a forward someone else installed
+    if type(mod) is Attention and all(hasattr(mod, n) for n in (
+            "qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "num_heads", "head_dim", "scale", "attn_dim")):
+        return "vit"
+    if type(mod) is TntAttention and all(hasattr(mod, n) for n in (
+            "qk", "v", "proj", "proj_drop", "num_heads", "head_dim", "scale")):
+        return "tnt"
+    return None
 
 
 def _autocast() -> bool:
@@ -310,10 +375,24 @@ def _autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _blocked_forward(mod: nn.Module, store: _LayerStore, layer: int, owner: int):
-    """timm ``Attention.forward`` with the unfused softmax computed by :meth:`_LayerStore.attend`
-    (same arithmetic, checked by the tests against timm's own path). Other threads, masks, training
-    and non-CPU tensors take the class's own forward (unfused while capturing: the hook records)."""
+def _qkv(mod: nn.Module, kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, N, d) exactly as the module's own forward makes them."""
+    B, N, _ = x.shape
+    if kind == "tnt":
+        qk = mod.qk(x).reshape(B, N, 2, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qk.unbind(0)
+        return q, k, mod.v(x).reshape(B, N, mod.num_heads, -1).permute(0, 2, 1, 3)
+    qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return mod.q_norm(q), mod.k_norm(k), v
+
+
+def _blocked_forward(mod: nn.Module, kind: str, owner: int, attend):
+    """The forward of timm's ``Attention`` (``kind`` "vit") or TNT's (``kind`` "tnt") with the
+    softmax computed by ``attend(q, kᵀ, v, scale) -> (B, N, H, d_v)``, which stores the attention
+    on the way (same arithmetic, checked by the tests against timm's own path). Other threads,
+    masks, training and non-CPU tensors take the class's own forward (unfused while capturing: the
+    hooks record)."""
     own = type(mod).forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any):
@@ -323,17 +402,33 @@ def _blocked_forward(mod: nn.Module, store: _LayerStore, layer: int, owner: int)
             return own(mod, x, *args, **kwargs)  # masks, other threads ...: the class's own path
         B, N, _ = x.shape
         gate = mod.gate(x).sigmoid() if getattr(mod, "gate", None) is not None else None
-        qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = mod.q_norm(q), mod.k_norm(k)
-        x = store.attend(layer, q * mod.scale, k.transpose(-2, -1), v)
-        x = x.transpose(1, 2).reshape(B, N, mod.attn_dim)
-        x = mod.norm(x)
+        q, k, v = _qkv(mod, kind, x)
+        x = attend(q, k.transpose(-2, -1), v, mod.scale).reshape(B, N, -1)
+        if kind == "vit":
+            x = mod.norm(x)
         if gate is not None:
             x = x * gate
         return mod.proj_drop(mod.proj(x))
 
     return forward
+
+
+class _InnerStore:
+    """TNT's inner attention, (L, B·N, H_in, P, P) float32, written by the softmax itself: every
+    patch's few pixel tokens at once, as timm computes them, but into the kept buffer."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers, self.buf, self.filled = layers, None, 0
+
+    def attend(self, layer: int, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        n, H, P, hd = q.shape
+        if self.buf is None:
+            self.buf = _BUFFERS.empty((self.layers, n, H, P, P), torch.float32)
+        a = self.buf[layer].view(n * H, P, P)
+        torch.baddbmm(a, q.reshape(n * H, P, hd), kt.reshape(n * H, hd, P), beta=0.0, alpha=scale, out=a)
+        torch.ops.aten._softmax.out(a, -1, False, out=a)
+        self.filled += 1
+        return torch.bmm(a, v.reshape(n * H, P, -1)).view(n, H, P, -1).transpose(1, 2)
 
 
 def storage_dtype(batch: int, layers: int, heads: int, tokens: int, attention_dtype: str = "auto") -> torch.dtype:
@@ -376,7 +471,14 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
     except Exception:  # an input the layout cannot describe: the capture itself will say what is wrong
         layout = None
     store = _LayerStore(len(attn_mods), layout, attention_dtype)
+    inner_store = _InnerStore(len(inner_mods))
     patched: list[nn.Module] = []
+
+    def patch(m: nn.Module, attend) -> None:
+        kind = _blockable(m) if blocked else None
+        if kind is not None:
+            m.forward = _blocked_forward(m, kind, rec.owner, attend)
+            patched.append(m)
 
     def keep_attention(layer: int):
         def pick(out: torch.Tensor) -> None:
@@ -392,11 +494,10 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
                 if hasattr(m, "fused_attn"):
                     m.fused_attn = False
                 rec.on_output(m.attn_drop, f"attention{i}", keep_attention(i))
-                if blocked and _blockable(m):
-                    m.forward = _blocked_forward(m, store, i, rec.owner)
-                    patched.append(m)
-            for m in inner_mods:
+                patch(m, functools.partial(store.attend, i))
+            for i, m in enumerate(inner_mods):
                 rec.on_output(m.attn_drop, "inner")
+                patch(m, functools.partial(inner_store.attend, i))
             if fam == "tnt":
                 rec.on_input(model.blocks[0], "embedded", lambda a: a[1])
                 rec.on_output(model.norm2_proj, "patch_embeddings")
@@ -434,13 +535,21 @@ def capture(model: nn.Module, x: torch.Tensor, *, attention: bool = True,
         raise CaptureError("The hooks saw no token states: the model's forward path is not the one "
                            "this family spec expects.", code="nothing_captured")
     cpu = torch.device("cpu")
+    inner = None
+    if inner_store.filled == len(inner_mods) > 0:
+        inner = inner_store.buf
+    elif inner_mods and len(s.get("inner", [])) == len(inner_mods):  # the hook path
+        inner = torch.stack([t.to(cpu) for t in s["inner"]], 0)
+    elif attention and inner_mods:
+        raise CaptureError(f"Captured inner attention from {inner_store.filled or len(s.get('inner', []))} of "
+                           f"{len(inner_mods)} blocks.", code="nothing_captured")
     return RawCapture(
         logits=logits.to(cpu),
         attention=store.buf,
         tokens=[t.to(cpu) for t in s["embedded"] + s["blocks"]],
         patch_embeddings=s["patch_embeddings"][0].to(cpu),
         final_tokens=s["final"][0].to(cpu),
-        inner_attention=[t.to(cpu) for t in s.get("inner", [])],
+        inner_attention=inner,
         head_mean=store.head_mean,
         distance=store.distance,
     )
@@ -539,9 +648,9 @@ def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5)
     attn_np = attn.numpy()
     tokens = torch.stack(raw.tokens, 1).float().numpy()  # (B, L + 1, T, D)
     inner = None
-    if raw.inner_attention:
+    if raw.inner_attention is not None:
         b, n = batch.x.shape[0], layout.num_patches
-        inner_t = torch.stack(raw.inner_attention, 0)  # (L, B * N, H_in, P, P)
+        inner_t = raw.inner_attention  # (L, B * N, H_in, P, P)
         inner = inner_t.reshape(inner_t.shape[0], b, n, *inner_t.shape[2:]).transpose(0, 1).float().numpy()
     pos = {k2: v.float().cpu().numpy() for k2, v in families.position_embeddings(net).items()}
     family = families.family_of(net)

@@ -258,7 +258,7 @@ def test_fused_path_is_detected(vit_model, monkeypatch, image):
 def test_capture_without_attention_keeps_fused(vit_model):
     x = _input(vit_model, random_image())
     raw = capture_mod.capture(vit_model.model, x, attention=False)
-    assert raw.attention is None and raw.inner_attention == []
+    assert raw.attention is None and raw.inner_attention is None
     assert len(raw.tokens) == len(vit_model.model.blocks) + 1
     with torch.inference_mode():
         np.testing.assert_allclose(raw.logits.numpy(), vit_model.model(x).numpy(), atol=1e-5)
@@ -440,29 +440,41 @@ def test_summaries_per_image_in_a_batch(vit_model):
         np.testing.assert_allclose(eb.distance, es.distance, rtol=1e-5)
 
 
-@pytest.mark.parametrize("key", ["vit", "reg4", "deit_distilled", "dinov2", "gap"])
-def test_blocked_attention_equals_timm_unfused_path(key, image, monkeypatch):
-    """On the CPU timm's Attention is computed block of query rows by block (small blocks here);
-    everything it leaves behind equals timm's own unfused path under hooks, and the instance
-    forward is gone afterwards."""
+@pytest.mark.parametrize("chunk", [40, None])
+@pytest.mark.parametrize("key", ["vit", "reg4", "deit_distilled", "dinov2", "gap", "tnt"])
+def test_blocked_attention_equals_timm_unfused_path(key, chunk, image, monkeypatch):
+    """On the CPU timm's and TNT's attention are computed by our own forward, block of query rows
+    by block (one-row blocks through a scratch buffer with ``chunk`` 40; whole images written
+    straight into the float32 storage otherwise); everything it leaves behind equals timm's own
+    unfused path under hooks, and the instance forwards are gone afterwards."""
     m = build(key)
-    calls = []
-    real = capture_mod._LayerStore.attend
+    calls, inner_calls = [], []
+    real, real_inner = capture_mod._LayerStore.attend, capture_mod._InnerStore.attend
     monkeypatch.setattr(capture_mod._LayerStore, "attend",
                         lambda self, *a: calls.append(1) or real(self, *a))
-    monkeypatch.setattr(capture_mod, "_CHUNK", 40)
+    monkeypatch.setattr(capture_mod._InnerStore, "attend",
+                        lambda self, *a: inner_calls.append(1) or real_inner(self, *a))
+    if chunk:
+        monkeypatch.setattr(capture_mod, "_CHUNK", chunk)
     x = _input(m, image)
     blocked = capture_mod.capture(m.model, x)
     assert len(calls) == len(m.model.blocks)
+    assert len(inner_calls) == (len(m.model.blocks) if key == "tnt" else 0)
     hooked = capture_mod.capture(m.model, x, blocked=False)
     assert len(calls) == len(m.model.blocks)  # the hook path did not call it
     np.testing.assert_allclose(blocked.logits, hooked.logits, atol=1e-5)
     np.testing.assert_allclose(blocked.attention, hooked.attention, atol=1e-6)
     np.testing.assert_allclose(blocked.head_mean, hooked.head_mean, atol=1e-6)
     np.testing.assert_allclose(blocked.distance, hooked.distance, rtol=1e-5)
+    if key == "tnt":
+        assert blocked.inner_attention.shape == hooked.inner_attention.shape
+        np.testing.assert_allclose(blocked.inner_attention, hooked.inner_attention, atol=1e-6)
+    else:
+        assert blocked.inner_attention is None and hooked.inner_attention is None
     for tb, th in zip(blocked.tokens, hooked.tokens):
         np.testing.assert_allclose(tb, th, atol=1e-5)
-    assert all("forward" not in a.__dict__ for a in families.attention_modules(m.model))
+    mods = families.attention_modules(m.model) + families.inner_attention_modules(m.model)
+    assert all("forward" not in a.__dict__ for a in mods)
 
 
 @pytest.mark.parametrize("sink", [0.0, 17.0, 25.0])
@@ -496,3 +508,40 @@ def test_blocked_forward_removed_when_it_raises(image, monkeypatch):
     x = _input(m, image)
     with torch.inference_mode():
         np.testing.assert_allclose(capture_mod.capture(m.model, x).logits, m.model(x), atol=1e-5)
+
+
+def test_buffer_pool_recycles_only_buffers_nobody_holds(monkeypatch):
+    """Large capture buffers are handed out again once every tensor made from them is gone, never
+    while an explanation still refers to them; the pool keeps at most ``keep`` arrays."""
+    pool = capture_mod._BufferPool()
+    monkeypatch.setattr(pool, "min_bytes", 1024)
+    a = pool.empty((4, 64, 64), torch.float32)
+    ptr = a.data_ptr()
+    view = a[1].numpy()  # as an Explanation holds it: a numpy view of one image
+    a.fill_(1.0)
+    del a
+    b = pool.empty((4, 64, 64), torch.float32)
+    assert b.data_ptr() != ptr and view.sum() == 64 * 64  # still held: a new buffer
+    del view
+    c = pool.empty((4, 64, 64), torch.float32)
+    assert c.data_ptr() == ptr  # free again: recycled
+    assert pool.empty((2, 64, 64), torch.float16).data_ptr() not in (ptr, b.data_ptr())  # other size
+    assert len(pool._arrays) == pool.keep
+    small = pool.empty((4, 4), torch.float32)  # below min_bytes: straight from numpy, not pooled
+    assert len(pool._arrays) == pool.keep and small.shape == (4, 4)
+
+
+def test_capture_results_survive_the_next_capture(image):
+    """Recycling never overwrites attention an explanation still holds (float16 storage, pooled)."""
+    m = build("dinov2")
+    x = _input(m, image)
+    old_min = capture_mod._BUFFERS.min_bytes
+    capture_mod._BUFFERS.min_bytes = 1
+    try:
+        first = capture_mod.capture(m.model, x, attention_dtype="float16")
+        kept = first.attention.clone()
+        second = capture_mod.capture(m.model, torch.flip(x, (-1,)), attention_dtype="float16")
+        assert second.attention.data_ptr() != first.attention.data_ptr()
+        assert torch.equal(first.attention, kept)
+    finally:
+        capture_mod._BUFFERS.min_bytes = old_min
