@@ -332,7 +332,7 @@ class _LayerStore:
         out = torch.empty((B, T, H, v.shape[-1]), dtype=q.dtype)
         rows = max(1, _CHUNK // (H * T))  # one image at a time (the matmuls want whole heads)
         for i in range(B):
-            qi, kti, vi = q[i], kt[i].contiguous(), v[i]  # kᵀ contiguous: the faster GEMM layout
+            qi, kti, vi = q[i].contiguous(), kt[i].contiguous(), v[i].contiguous()  # the faster GEMM layouts
             for r0 in range(0, T, rows):
                 r1 = min(T, r0 + rows)
                 probs = self.buf[i, layer, :, r0:r1]
