@@ -211,8 +211,8 @@ class _BufferPool:
 
     #: smaller buffers go straight to numpy (the C allocator reuses those without faulting)
     min_bytes = 32 * 2**20
-    #: one capture's attention and head means
-    keep = 2
+    #: one capture's attention, head means and (TNT) inner attention
+    keep = 3
 
     def __init__(self) -> None:
         self._arrays: list[np.ndarray] = []
