@@ -529,6 +529,11 @@ def test_buffer_pool_recycles_only_buffers_nobody_holds(monkeypatch):
     assert len(pool._arrays) == pool.keep
     small = pool.empty((4, 4), torch.float32)  # below min_bytes: straight from numpy, not pooled
     assert len(pool._arrays) == pool.keep and small.shape == (4, 4)
+    pool.release()  # lets go of what nobody holds, keeps what is in use
+    assert len(pool._arrays) == 2 and c.data_ptr() == ptr and b.data_ptr() != ptr
+    del b, c
+    pool.release()
+    assert pool._arrays == []
 
 
 def test_capture_results_survive_the_next_capture(image):
