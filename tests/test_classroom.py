@@ -96,10 +96,11 @@ def test_mimetic_initialisation_sets_what_the_paper_says(kind):
                 h = mod.qk.out_features // 2
                 w_q, w_k, w_v = mod.qk.weight[:h], mod.qk.weight[h:], mod.v.weight
                 d = w_v.shape[1]
+            w_q, w_k, w_v = w_q.detach(), w_k.detach(), w_v.detach()
             hd = w_q.shape[0] // mod.num_heads
             per_head = [w_q[i * hd:(i + 1) * hd].T @ w_k[i * hd:(i + 1) * hd] for i in range(mod.num_heads)]
             qk.append(float(sum(torch.diagonal(m).mean() for m in per_head)) / mod.num_heads * d / hd)
-            vo.append(float(torch.diagonal(w_v.T @ mod.proj.weight.T).mean()))
+            vo.append(float(torch.diagonal(w_v.T @ mod.proj.weight.detach().T).mean()))
         return np.array(qk), np.array(vo)
 
     plain = build(kind, seed=3)
