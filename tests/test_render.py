@@ -177,3 +177,17 @@ def test_layer_head_grid_figure():
     np.testing.assert_allclose(z[5:9, 10:14], maps[1, 2] / maps[1, 2].max(), rtol=1e-6)
     raw = np.asarray(fig.data[0].customdata, dtype=float)[..., 3]
     np.testing.assert_allclose(raw[5:9, 10:14], maps[1, 2], rtol=1e-6)
+
+
+def test_marks_drawn_in_place_equal_the_copies():
+    """``copy=False`` draws on the overlay itself (no 12-MP copy) and gives the same pixels."""
+    img = _image(90, 120, seed=4)
+    mask = np.zeros((60, 60), bool)
+    mask[10:40, 20:50] = True
+    box = (30.0, 15.0, 90.0, 75.0)
+    ref = ov.mask_outline(ov.mark_patch(img, (4, 4), 5, box=box), mask, box=box)
+    work = img.copy()
+    out = ov.mask_outline(ov.mark_patch(work, (4, 4), 5, box=box, copy=False), mask, box=box, copy=False)
+    assert out is work
+    np.testing.assert_array_equal(out, ref)
+    assert not np.array_equal(ref, img)

@@ -93,12 +93,12 @@ def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_la
     img = overlay.overlay(disp, pmap, box=box, alpha=float(opacity), smooth=min(disp.shape[:2]) > 2 * max(exp.layout.grid) * 8 and exp.layout.num_patches > 100)
     patch = exp.layout.patch_of_token(q)
     if patch is not None:
-        img = overlay.mark_patch(img, exp.layout.grid, q - exp.layout.num_prefix, box=box)
+        img = overlay.mark_patch(img, exp.layout.grid, q - exp.layout.num_prefix, box=box, copy=False)
     caption = [f"**{t(lang, 'rollout_title')}** · {t(lang, 'query')}: {token_name(lang, exp, q)}"]
     if s.mask is not None:
         stats = analysis.mass_on(object_patches(s.mask, exp.box, exp.layout), pmap)
         if show_mask:
-            img = overlay.mask_outline(img, s.mask)
+            img = overlay.mask_outline(img, s.mask, copy=False)
         caption.append(t(lang, "mask_share", mass=stats["mass"], area=stats["area"], ratio=stats["ratio"],
                          maxhit=t(lang, "yes" if stats["max_on_object"] else "no")))
     return img, "\n\n".join(caption)

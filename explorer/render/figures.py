@@ -14,10 +14,26 @@ PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B
 
 
 def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=16)), height=height,
-                      margin=dict(l=50, r=20, t=60, b=50), font=dict(family=FONT, size=13),
-                      plot_bgcolor="white", paper_bgcolor="white")
+    fig.update_layout(**_base(title, height))
     return fig
+
+
+def _base(title: str, height: int) -> dict:
+    return dict(title=dict(text=title, x=0.01, font=dict(size=16)), height=height,
+                margin=dict(l=50, r=20, t=60, b=50), font=dict(family=FONT, size=13),
+                plot_bgcolor="white", paper_bgcolor="white")
+
+
+def _figure(data: list[dict], title: str, height: int, **layout) -> go.Figure:
+    """The whole figure in one constructor call: Plotly validates every property once, where
+    ``update_layout``/``update_xaxes``/``make_subplots`` each go through its update machinery
+    (a distance plot: 11 ms instead of 42)."""
+    return go.Figure(data=data, layout={**_base(title, height), **layout})
+
+
+#: tile axes: no ticks, grid or zero line; rows top down, square cells
+_TILE_X = dict(showticklabels=False, showgrid=False, zeroline=False)
+_TILE_Y = dict(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x")
 
 
 def tile(stack: np.ndarray, gap: int = 1) -> np.ndarray:
@@ -28,13 +44,6 @@ def tile(stack: np.ndarray, gap: int = 1) -> np.ndarray:
         for j in range(C):
             out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = stack[i, j]
     return out
-
-
-def _tile_axes(fig: go.Figure, row: int | None = None, col: int | None = None) -> None:
-    kw = {} if row is None else dict(row=row, col=col)
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, **kw)
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed",
-                     scaleanchor="x" if row is None else None, **kw)
 
 
 def layer_head_grid(maps: np.ndarray, *, title: str, layer_label: str, head_label: str,
@@ -55,17 +64,14 @@ def layer_head_grid(maps: np.ndarray, *, title: str, layer_label: str, head_labe
             li[sl], hi[sl] = i, j
             pi[sl] = np.arange(rows * cols).reshape(rows, cols)
     custom = np.stack([li, hi, pi, np.nan_to_num(raw, nan=-1)], -1)
-    fig = go.Figure(go.Heatmap(
-        z=z, customdata=custom, colorscale="Inferno", showscale=False, hoverongaps=False,
-        hovertemplate=(f"{layer_label} %{{customdata[0]}}, {head_label} %{{customdata[1]}}<br>"
-                       f"patch %{{customdata[2]}}: {value_label} %{{customdata[3]:.4f}}<extra></extra>")))
-    _tile_axes(fig)
-    fig.update_xaxes(tickvals=[j * (cols + gap) + (cols - 1) / 2 for j in range(H)],
-                     ticktext=[f"{head_label} {j}" for j in range(H)], showticklabels=True, side="top")
-    fig.update_yaxes(tickvals=[i * (rows + gap) + (rows - 1) / 2 for i in range(L)],
-                     ticktext=[f"{layer_label} {i}" for i in range(L)], showticklabels=True)
-    fig.update_yaxes(scaleanchor="x", scaleratio=1)
-    return _layout(fig, title, height=max(420, min(1100, 90 + L * 95)))
+    heat = dict(type="heatmap", z=z, customdata=custom, colorscale="Inferno", showscale=False, hoverongaps=False,
+                hovertemplate=(f"{layer_label} %{{customdata[0]}}, {head_label} %{{customdata[1]}}<br>"
+                               f"patch %{{customdata[2]}}: {value_label} %{{customdata[3]:.4f}}<extra></extra>"))
+    xaxis = {**_TILE_X, "tickvals": [j * (cols + gap) + (cols - 1) / 2 for j in range(H)],
+             "ticktext": [f"{head_label} {j}" for j in range(H)], "showticklabels": True, "side": "top"}
+    yaxis = {**_TILE_Y, "tickvals": [i * (rows + gap) + (rows - 1) / 2 for i in range(L)],
+             "ticktext": [f"{layer_label} {i}" for i in range(L)], "showticklabels": True, "scaleratio": 1}
+    return _figure([heat], title, max(420, min(1100, 90 + L * 95)), xaxis=xaxis, yaxis=yaxis)
 
 
 def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, max_tiles: int = 16,
@@ -107,15 +113,13 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
             x += gap
     z = np.concatenate(z_parts, 1)
     custom = np.stack([np.concatenate(r_parts, 1), np.concatenate(c_parts, 1)], -1)
-    fig = go.Figure(go.Heatmap(
-        z=z, customdata=custom, zmin=-1, zmax=1, colorscale="RdBu_r", hoverongaps=False,
-        colorbar=dict(thickness=12, len=0.8),
-        hovertemplate=f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) "
-                      f"{sim_label} %{{z:.3f}}<extra></extra>"))
-    _tile_axes(fig)
-    fig.update_xaxes(tickvals=centres, ticktext=[p[0] for p in panels], showticklabels=True, side="top",
-                     tickfont=dict(size=14))
-    return _layout(fig, title, height=480)
+    heat = dict(type="heatmap", z=z, customdata=custom, zmin=-1, zmax=1, colorscale="RdBu_r", hoverongaps=False,
+                colorbar=dict(thickness=12, len=0.8),
+                hovertemplate=f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) "
+                              f"{sim_label} %{{z:.3f}}<extra></extra>")
+    xaxis = {**_TILE_X, "tickvals": centres, "ticktext": [p[0] for p in panels], "showticklabels": True,
+             "side": "top", "tickfont": dict(size=14)}
+    return _figure([heat], title, 480, xaxis=xaxis, yaxis=_TILE_Y)
 
 
 def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str, per_row: int = 8) -> go.Figure:
@@ -127,10 +131,9 @@ def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str, per_
     stack = np.full((R, C, h, w), np.nan, dtype=np.float32)
     for k, (_, m) in enumerate(panels):
         stack[k // C, k % C] = m
-    fig = go.Figure(go.Heatmap(z=tile(stack), colorscale="RdBu_r", zmin=-1, zmax=1, hoverongaps=False,
-                               colorbar=dict(thickness=12), hovertemplate="%{z:.3f}<extra></extra>"))
-    _tile_axes(fig)
-    return _layout(fig, title, height=max(260, 80 + R * 140))
+    heat = dict(type="heatmap", z=tile(stack), colorscale="RdBu_r", zmin=-1, zmax=1, hoverongaps=False,
+                colorbar=dict(thickness=12), hovertemplate="%{z:.3f}<extra></extra>")
+    return _figure([heat], title, max(260, 80 + R * 140), xaxis=_TILE_X, yaxis=_TILE_Y)
 
 
 def distance_plot(mad: np.ndarray, conv_rf: np.ndarray, conv_mad: np.ndarray, uniform: float, *,
@@ -139,23 +142,23 @@ def distance_plot(mad: np.ndarray, conv_rf: np.ndarray, conv_mad: np.ndarray, un
     """Mean attention distance of every head against depth (ViT Fig. 7 right), with the receptive
     field of stacked 3×3 convolutions on the same axes."""
     L, H = mad.shape
-    fig = go.Figure()
-    for h in range(H):
-        fig.add_trace(go.Scatter(
-            x=np.arange(1, L + 1) + (h - (H - 1) / 2) * 0.04, y=mad[:, h], mode="markers",
-            name=f"{head_label} {h}", marker=dict(size=9, color=PALETTE[h % len(PALETTE)], opacity=0.85),
-            hovertemplate=f"{head_label} {h}, %{{x:.0f}}: %{{y:.1f}} px<extra></extra>"))
+    data = [dict(type="scatter", x=np.arange(1, L + 1) + (h - (H - 1) / 2) * 0.04, y=mad[:, h], mode="markers",
+                 name=f"{head_label} {h}", marker=dict(size=9, color=PALETTE[h % len(PALETTE)], opacity=0.85),
+                 hovertemplate=f"{head_label} {h}, %{{x:.0f}}: %{{y:.1f}} px<extra></extra>") for h in range(H)]
     depth = np.arange(1, len(conv_rf) + 1)
-    fig.add_trace(go.Scatter(x=depth, y=conv_rf, mode="lines+markers", name=rf_label,
-                             line=dict(color="black", dash="dot"), marker=dict(symbol="square", size=6)))
-    fig.add_trace(go.Scatter(x=depth, y=conv_mad, mode="lines", name=conv_mad_label,
-                             line=dict(color="grey", dash="dash")))
-    fig.add_hline(y=uniform, line=dict(color="#E45756", dash="dashdot"),
-                  annotation_text=uniform_label, annotation_position="top left")
-    fig.update_xaxes(title=x_label, dtick=1, range=[0.5, L + 0.5], gridcolor="#eee")
-    fig.update_yaxes(title=y_label, rangemode="tozero", gridcolor="#eee")
-    fig.update_layout(legend=dict(orientation="v", x=1.01, y=1))
-    return _layout(fig, title, height=480)
+    data.append(dict(type="scatter", x=depth, y=conv_rf, mode="lines+markers", name=rf_label,
+                     line=dict(color="black", dash="dot"), marker=dict(symbol="square", size=6)))
+    data.append(dict(type="scatter", x=depth, y=conv_mad, mode="lines", name=conv_mad_label,
+                     line=dict(color="grey", dash="dash")))
+    # the uniform-attention level as a line across the plot, labelled at its left end
+    hline = dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=uniform, y1=uniform,
+                 line=dict(color="#E45756", dash="dashdot"))
+    label = dict(text=uniform_label, xref="x domain", x=0, yref="y", y=uniform, showarrow=False,
+                 xanchor="left", yanchor="bottom")
+    return _figure(data, title, 480, shapes=[hline], annotations=[label],
+                   xaxis=dict(title=dict(text=x_label), dtick=1, range=[0.5, L + 0.5], gridcolor="#eee"),
+                   yaxis=dict(title=dict(text=y_label), rangemode="tozero", gridcolor="#eee"),
+                   legend=dict(orientation="v", x=1.01, y=1))
 
 
 def tsne_plot(panels: Sequence[dict], *, title: str) -> go.Figure:
@@ -197,13 +200,14 @@ def learning_curve(curve: dict, *, title: str, x_label: str, acc_label: str, los
 
 def token_cost_plot(strides: np.ndarray, tokens: np.ndarray, cost: np.ndarray, current: int, *,
                     title: str, x_label: str, tokens_label: str, cost_label: str) -> go.Figure:
-    """Tokens and relative attention cost (N²) against stride, for a fixed kernel."""
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Bar(x=strides, y=tokens, name=tokens_label, marker_color=[
-        "#E45756" if s == current else "#4C78A8" for s in strides]), secondary_y=False)
-    fig.add_trace(go.Scatter(x=strides, y=cost, name=cost_label, mode="lines+markers",
-                             line=dict(color="#F58518")), secondary_y=True)
-    fig.update_xaxes(title=x_label, dtick=1)
-    fig.update_yaxes(title=tokens_label, secondary_y=False, gridcolor="#eee")
-    fig.update_yaxes(title=cost_label, secondary_y=True, type="log", showgrid=False)
-    return _layout(fig, title, height=340)
+    """Tokens and relative attention cost (N²) against stride, for a fixed kernel (log scale, on a
+    second y axis at the right)."""
+    data = [dict(type="bar", x=strides, y=tokens, name=tokens_label, xaxis="x", yaxis="y",
+                 marker=dict(color=["#E45756" if s == current else "#4C78A8" for s in strides])),
+            dict(type="scatter", x=strides, y=cost, name=cost_label, mode="lines+markers", xaxis="x", yaxis="y2",
+                 line=dict(color="#F58518"))]
+    return _figure(data, title, 340,
+                   xaxis=dict(anchor="y", domain=[0.0, 0.94], title=dict(text=x_label), dtick=1),
+                   yaxis=dict(anchor="x", domain=[0.0, 1.0], title=dict(text=tokens_label), gridcolor="#eee"),
+                   yaxis2=dict(anchor="x", overlaying="y", side="right", title=dict(text=cost_label), type="log",
+                               showgrid=False))
