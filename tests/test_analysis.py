@@ -454,3 +454,21 @@ def test_silhouette():
     assert s is not None and s > 0.95
     assert silhouette(x, ["a"] * 24) is None
     assert silhouette(x[:3], ["a", "b", "c"]) is None  # one point per label: undefined
+
+
+def test_reference_tiles_are_the_sincos_similarities_kept_read_only():
+    from explorer.analysis import posembed
+
+    grid = (5, 7)
+    for kind, pos in (("1d", posembed.sincos_1d(35, 32)), ("2d", posembed.sincos_2d(grid, 32))):
+        kept = posembed.reference_tiles(kind, 35, 32, grid)
+        np.testing.assert_array_equal(kept, posembed.similarity_tiles(pos, grid))
+        assert posembed.reference_tiles(kind, 35, 32, grid) is kept and not kept.flags.writeable
+
+
+def test_neighbour_structure_from_a_similarity_the_caller_has():
+    from explorer.analysis import posembed
+
+    pos = np.random.default_rng(3).normal(size=(20, 16)).astype(np.float32)
+    own = posembed.neighbour_structure(pos, (4, 5))
+    assert posembed.neighbour_structure(pos, (4, 5), sim=posembed.similarity_tiles(pos, (4, 5))) == own

@@ -7,6 +7,8 @@ raster order; the 2D code (half the channels for the row, half for the column, a
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -23,6 +25,17 @@ def similarity_tiles(pos: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     if pos.shape[0] != rows * cols:
         raise ValueError(f"{pos.shape[0]} embeddings do not fill a {rows}×{cols} grid")
     return cosine_similarity(pos).reshape(rows, cols, rows, cols)
+
+
+@functools.lru_cache(maxsize=8)
+def reference_tiles(kind: str, n: int, dim: int, grid: tuple[int, int]) -> np.ndarray:
+    """:func:`similarity_tiles` of the ``"1d"`` or ``"2d"`` sine-cosine code for ``n`` positions of
+    width ``dim`` on ``grid``. They depend on nothing else, so they are kept (read-only): at 1369
+    positions each costs a 1369×1369 product per view otherwise."""
+    pos = sincos_1d(n, dim) if kind == "1d" else sincos_2d(grid, dim)
+    tiles = similarity_tiles(pos, grid)
+    tiles.flags.writeable = False
+    return tiles
 
 
 def sincos_1d(n: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
@@ -44,13 +57,15 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> 
     return np.concatenate([np.repeat(r, cols, axis=0), np.tile(c, (rows, 1))], axis=1)
 
 
-def neighbour_structure(pos: np.ndarray, grid: tuple[int, int]) -> dict[str, float]:
+def neighbour_structure(pos: np.ndarray, grid: tuple[int, int], sim: np.ndarray | None = None) -> dict[str, float]:
     """For how many positions the most similar *other* position is a grid neighbour (8-connected).
 
     Returns the count, the share, and the chance share (a random other position is a neighbour).
+    ``sim``: :func:`cosine_similarity` of ``pos`` when the caller has it (any shape of N×N values).
     """
     rows, cols = grid
-    sim = cosine_similarity(pos).astype(np.float64)
+    n = rows * cols
+    sim = (cosine_similarity(pos) if sim is None else np.reshape(sim, (n, n))).astype(np.float64)
     np.fill_diagonal(sim, -np.inf)
     best = sim.argmax(1)
     r, c = np.divmod(np.arange(rows * cols), cols)

@@ -224,12 +224,14 @@ def posembed_view(s: Session, lang: str, pos_grid: tuple[int, int]):
     if pos is None:
         return None, t(lang, "pos_none"), None
     D = pos.shape[1]
-    panels = [(t(lang, "pos_learned"), posembed.similarity_tiles(pos, pos_grid)),
-              (t(lang, "pos_1d"), posembed.similarity_tiles(posembed.sincos_1d(pos.shape[0], D), pos_grid)),
-              (t(lang, "pos_2d"), posembed.similarity_tiles(posembed.sincos_2d(pos_grid, D), pos_grid))]
+    learned = posembed.similarity_tiles(pos, pos_grid)
+    grid = (int(pos_grid[0]), int(pos_grid[1]))
+    panels = [(t(lang, "pos_learned"), learned),
+              (t(lang, "pos_1d"), posembed.reference_tiles("1d", pos.shape[0], D, grid)),
+              (t(lang, "pos_2d"), posembed.reference_tiles("2d", pos.shape[0], D, grid))]
     fig = figures.similarity_panels(panels, title=t(lang, "pos_title"), row_label=t(lang, "pos_row"),
                                     col_label=t(lang, "pos_col"))
-    nb = posembed.neighbour_structure(pos, pos_grid)
+    nb = posembed.neighbour_structure(pos, pos_grid, sim=learned)
     text = t(lang, "pos_neighbour", **nb)
     pixel_fig = None
     pix = exp.position_embeddings.get("pixel")

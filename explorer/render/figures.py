@@ -87,8 +87,8 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
         rs = np.unique(np.linspace(0, rows - 1, min(rows, max_tiles)).round().astype(int))
         cs = np.unique(np.linspace(0, cols - 1, min(cols, max_tiles)).round().astype(int))
         z = tile(sim[rs][:, cs])
-        rr = np.full(z.shape, -1)
-        cc = np.full(z.shape, -1)
+        rr = np.full(z.shape, -1, dtype=np.int16)  # grid indices: small typed arrays in the JSON
+        cc = np.full(z.shape, -1, dtype=np.int16)
         for i, r in enumerate(rs):
             for j, c in enumerate(cs):
                 sl = np.s_[i * (rows + 1):i * (rows + 1) + rows, j * (cols + 1):j * (cols + 1) + cols]
@@ -109,7 +109,7 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
         x += z.shape[1]
         if k < len(blocks) - 1:
             for parts, fill in ((z_parts, np.nan), (r_parts, -1), (c_parts, -1)):
-                parts.append(np.full((height, gap), fill))
+                parts.append(np.full((height, gap), fill, dtype=parts[0].dtype))
             x += gap
     z = np.concatenate(z_parts, 1)
     custom = np.stack([np.concatenate(r_parts, 1), np.concatenate(c_parts, 1)], -1)
