@@ -67,6 +67,15 @@ def query_value(pg) -> str:
     return pg.locator("#query input").input_value()
 
 
+def check_posembed_hover_data(pg) -> None:
+    """The figure's grid indices (int16 typed arrays in the JSON) reach plotly.js intact: the
+    customdata the hover label reads names each tile's grid position (8×8 grid: tiles of 8 cells
+    and a gap). Hover itself does not fire under headless Chromium here, so the data is read."""
+    cd = pg.evaluate("(() => { const d = document.querySelector('#pos_plot .js-plotly-plot')._fullData[0]"
+                     ".customdata; return [d[0][0], d[9][0], d[0][27], d[10][19], d[8][0]].map(v => Array.from(v)); })()")
+    assert cd == [[0, 0], [1, 0], [0, 3], [1, 2], [-1, -1]], cd
+
+
 def shoot_all_tabs(pg, lang: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     tabs = pg.locator("#tabs button[role=tab]")
@@ -83,6 +92,8 @@ def shoot_all_tabs(pg, lang: str) -> None:
             pg.wait_for_selector(f"#{ {'posembed': 'pos_plot', 'distance': 'mad_plot', 'about': 'curve'}[name]} "
                                  ".js-plotly-plot")
         time.sleep(1.0)  # let plotly finish drawing
+        if name == "posembed":
+            check_posembed_hover_data(pg)
         pg.screenshot(path=str(SHOTS / f"{lang}_{i}_{name}.png"), full_page=True)
     tabs.nth(0).click()
 
