@@ -472,3 +472,23 @@ def test_neighbour_structure_from_a_similarity_the_caller_has():
     pos = np.random.default_rng(3).normal(size=(20, 16)).astype(np.float32)
     own = posembed.neighbour_structure(pos, (4, 5))
     assert posembed.neighbour_structure(pos, (4, 5), sim=posembed.similarity_tiles(pos, (4, 5))) == own
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 17), (2, 2100, 40)])  # the second takes the two-thread path
+def test_discard_with_many_ties_equals_a_stable_sort(shape):
+    """Links from float16 attention tie at the k-th value in most rows: exactly k go, the first
+    ones by index among the tied (what a stable sort would drop); negative values keep their order."""
+    import torch
+
+    from explorer.analysis.rollout import discard_weakest
+
+    rng = np.random.default_rng(7)
+    x = (np.round(rng.random(shape) * 6) / 6).astype(np.float16).astype(np.float32)  # 7 levels: ties
+    x[0, 0, :5] = [-0.5, -0.25, -0.5, 0.0, -1.0]
+    for k in (1, shape[-1] // 2, shape[-1] - 1):
+        ours = torch.from_numpy(x.copy())
+        discard_weakest(ours, k)
+        order = np.argsort(x, axis=-1, kind="stable")[..., :k]
+        ref = x.copy()
+        np.put_along_axis(ref, order, 0.0, axis=-1)
+        np.testing.assert_array_equal(ours.numpy(), ref)
