@@ -210,4 +210,6 @@ def token_cost_plot(strides: np.ndarray, tokens: np.ndarray, cost: np.ndarray, c
                    xaxis=dict(anchor="y", domain=[0.0, 0.94], title=dict(text=x_label), dtick=1),
                    yaxis=dict(anchor="x", domain=[0.0, 1.0], title=dict(text=tokens_label), gridcolor="#eee"),
                    yaxis2=dict(anchor="x", overlaying="y", side="right", title=dict(text=cost_label), type="log",
-                               showgrid=False))
+                               showgrid=False),
+                   # inside the plot's empty top right: beside it, it covered the right axis title
+                   legend=dict(x=0.92, xanchor="right", y=0.98, bgcolor="rgba(255,255,255,0.85)"))
