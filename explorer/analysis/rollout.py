@@ -98,7 +98,7 @@ def discard_weakest(links, k: int) -> None:
     fusion of heads stored in float16: most rows). Tied rows are selected on keys that make every
     entry distinct and keep the order, ``(value bits, index)`` as one int64, so the k-th key marks
     exactly the k to drop; when a sample of rows says most rows tie, every row goes that way at
-    once (1370 tokens, max fusion: 0.5 s instead of 1.1 s).
+    once (1370 tokens, max fusion from float16: 0.3 s where masking the ties took 0.5–1.1 s).
     """
     import torch
 
