@@ -16,8 +16,8 @@ Cases (``--cases``; all by default):
 
 Models: ViT-B/16 at 224, DINOv2-S/14 at 518 (1370 tokens) and TNT-S/16 at 224, random weights (speed
 does not depend on them). ``--quick`` uses 2-block models at 64–126 px, few repeats, 50 images and
-skips the cold-start cases unless ``--cold-start``. Prints a table of medians [min–max], ratios of
-medians and PASS/FAIL per target; exits non-zero only with ``--strict`` when a target is missed.
+skips the cold-start cases unless ``--cold-start``. Prints a table of medians [min–max], ratios (median
+of per-round ratios between interleaved variants) and PASS/FAIL per target; exits non-zero only with ``--strict`` when a target is missed.
 The full run takes ~20 minutes on 2 CPU cores, a third of it embedding 1,000 images with ViT-B
 (``--images`` shortens that).
 """
@@ -165,7 +165,8 @@ def _meta(a: argparse.Namespace, cfg, timer: Timer, models, load0, seconds: floa
             "python": platform.python_version(), "repeats": cfg.repeats, "heavy_repeats": cfg.heavy_repeats,
             "batch": cfg.batch, "embed_images": cfg.embed_images, "photo_size": list(cfg.photo_size),
             "memory_method": timer.probe.method, "memory_note": timer.probe.describe(),
-            "timing": "perf_counter, warm-up first, variants interleaved in rotating order, ratios of medians",
+            "timing": "perf_counter, warm-up first, variants interleaved in rotating order, ratios: "
+                      "median of per-round ratios (else ratio of medians)",
             "loadavg_start": load0, "loadavg_end": _loadavg(), "seconds": round(seconds, 1), "models": loaded,
             "argv": sys.argv[1:]}
 
@@ -179,8 +180,9 @@ def _header(meta: dict, case_info: dict) -> str:
         extra = f", {m['tokens']} tokens, {m['params'] / 1e6:.1f}M params" if "tokens" in m else ""
         lines.append(f"  {key:8s} {m['name']} {m['kwargs'] or ''} ({m['label']}{extra}), random weights")
     lines.append(f"  memory: {meta['memory_note']}")
-    lines.append("  times: median [min–max] over repeats; value: ratio of medians (ours / reference unless the "
-                 "row says otherwise), ms, s, MB or a count")
+    lines.append("  times: median [min–max] over repeats; value: a ratio (ours / reference unless the row says "
+                 "otherwise: the median of per-round ratios where both sides ran in the same interleaved rounds, "
+                 "else of medians), ms, s, MB or a count")
     for case, info in case_info.items():
         if info.get("skipped"):
             lines.append(f"  case {case}: skipped")

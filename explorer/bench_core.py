@@ -2,7 +2,9 @@
 
 Timing: ``time.perf_counter`` around each call (with ``torch.cuda.synchronize`` on a GPU), warm-up
 calls first, then the compared variants interleaved in rotating order (A,B,C / B,C,A / C,A,B ...)
-so that machine noise and cache state hit every variant alike. Ratios are ratios of medians.
+so that machine noise and cache state hit every variant alike. A ratio between two variants of one
+interleaved run is the median of their per-round ratios (a machine slowdown that lasts a round
+cancels out); other ratios are ratios of medians.
 
 Memory: the RSS high-water mark of this process, reset before each measured call by writing ``5``
 to ``/proc/self/clear_refs`` (Linux) and read back from ``VmHWM`` afterwards; reported as the
@@ -111,9 +113,11 @@ class MemoryProbe:
 
 @dataclass
 class Stats:
-    """Seconds of repeated calls."""
+    """Seconds of repeated calls. ``rounds``: the id of the :meth:`Timer.interleave` call that
+    timed them; ``times[r]`` of every variant of that call is then from the same round ``r``."""
 
     times: list[float]
+    rounds: int | None = None
 
     @property
     def median(self) -> float:
@@ -134,6 +138,8 @@ class Stats:
 
 class Timer:
     """Runs callables with warm-up, interleaving and per-call memory peaks; tracks each case's peak."""
+
+    _interleaves = 0
 
     def __init__(self, cuda: bool = False) -> None:
         self.cuda = cuda
@@ -207,7 +213,8 @@ class Timer:
                 times[n].append(dt)
                 for key, v in mem.items():
                     peaks[n][key] = max(peaks[n].get(key, 0.0), v)
-        return {n: Stats(t) for n, t in times.items()}, peaks
+        Timer._interleaves += 1
+        return {n: Stats(t, Timer._interleaves) for n, t in times.items()}, peaks
 
 
 # ----------------------------------------------------------------------------- rows
@@ -263,7 +270,16 @@ class Row:
 
 
 def ratio(a: Stats, b: Stats) -> float:
-    """median(a) / median(b)."""
+    """How many times b's time a takes: the median of the per-round ratios a[r] / b[r] when both
+    were timed in the same rounds of one :meth:`Timer.interleave` (each round runs every variant
+    back to back, so a slowdown of the shared machine that lasts a round cancels out), else
+    median(a) / median(b)."""
+    if a.rounds is not None and a.rounds == b.rounds and len(a.times) == len(b.times) and min(b.times) > 0:
+        return statistics.median(x / y for x, y in zip(a.times, b.times))
+    return a.median / b.median if b.median > 0 else math.nan
+
+
+def ratio_of_medians(a: Stats, b: Stats) -> float:
     return a.median / b.median if b.median > 0 else math.nan
 
 

@@ -96,3 +96,30 @@ def test_memory_reported_per_case_and_summary(report):
 def test_bad_arguments_are_refused():
     assert bench.main(["--cases", "nonsense"]) == 2
     assert bench.main(["--models", "resnet"]) == 2
+
+
+def test_ratio_pairs_rounds_of_one_interleaved_run():
+    """A ratio between variants timed in the same rounds is the median of per-round ratios: a
+    round in which the whole machine was slow cancels out. Otherwise it is a ratio of medians."""
+    from explorer.bench_core import Stats, Timer, ratio
+
+    import time
+
+    def busy(cost):
+        def f():
+            t = time.perf_counter()
+            while time.perf_counter() - t < cost:
+                pass
+        return f
+
+    st, _ = Timer().interleave({"a": busy(0.002), "b": busy(0.001)}, repeats=3, warmup=0, memory=False)
+    a, b = st["a"], st["b"]
+    assert a.rounds == b.rounds is not None
+    paired = sorted(x / y for x, y in zip(a.times, b.times))[1]
+    assert ratio(a, b) == pytest.approx(paired)
+    assert 1.5 < ratio(a, b) < 3.0
+    # hand-made rounds: a machine three times slower in round 2 hits both sides
+    a2, b2 = Stats([2.0, 6.0, 2.2], rounds=-1), Stats([1.0, 3.0, 1.0], rounds=-1)
+    assert ratio(a2, b2) == pytest.approx(2.0)  # per round: 2.0, 2.0, 2.2
+    assert ratio(Stats(a2.times), Stats(b2.times)) == pytest.approx(2.2 / 1.0)  # not paired: medians
+    assert ratio(Stats([2.0, 6.0, 2.2], rounds=1), Stats([1.0, 3.0, 1.0], rounds=2)) == pytest.approx(2.2)
