@@ -14,6 +14,7 @@ thread that registered it, so two threads explaining at once never mix their res
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import threading
 import weakref
@@ -222,7 +223,7 @@ class _BufferPool:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         np_dtype = np.dtype({torch.float16: np.float16, torch.float32: np.float32}[dtype])
-        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        nbytes = math.prod(shape) * np_dtype.itemsize
         if nbytes < self.min_bytes:
             return torch.from_numpy(np.empty(shape, dtype=np_dtype))
         with self._lock:  # the tensor exists before the lock goes: no two captures share an array
@@ -277,7 +278,7 @@ class _LayerStore:
 
     def scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reusable float32 block (allocated once per capture: no fresh pages per block)."""
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         t = self._scratch.get(name)
         if t is None or t.numel() < n:
             t = self._scratch[name] = torch.empty(n, dtype=torch.float32)
