@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from torch import nn
 from . import families
 from .errors import CaptureError, ImageError
 from .families import TokenLayout
+from .buffers import BUFFERS as _BUFFERS
+from .buffers import BufferPool as _BufferPool  # noqa: F401  (tests make their own)
 from .images import DataConfig, decode, prepare
 
 #: Attention of one image is kept in float32 up to this many bytes, in float16 above it (values
@@ -196,52 +197,6 @@ def _distances_for(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.
     return torch.stack([d, torch.ones_like(d)], 1)
 
 
-class _BufferPool:
-    """Large capture buffers, handed out again once nothing refers to them.
-
-    Writing a layer at a time into a fresh 258 MB float16 buffer (DINOv2-S at 1370 tokens) took
-    130 ms from ``torch.empty``, 70 ms from numpy and 35 ms into a recycled one: the rest is page
-    faults, which a plain forward pass never pays because the allocator recycles its activations. Here the last capture's buffers are
-    recycled by the next one if every tensor made from them is gone by then (explaining images one
-    after another): the pool holds the newest :attr:`keep` numpy arrays, and an array whose only
-    references are the pool's own is free. Memory kept idle is at most those arrays.
-
-    Arrays come from numpy, whose large allocations ask Linux for transparent huge pages: a fresh
-    buffer then takes a few hundred page faults instead of sixty thousand.
-    """
-
-    #: smaller buffers go straight to numpy. From 1 MB the C allocator hands out fresh pages too
-    #: (ViT-B's 22 MB of attention, TNT's 10 MB of inner attention): recycling them made a
-    #: capture 2-3 % faster
-    min_bytes = 2**20
-    #: one capture's attention, head means and (TNT) inner attention
-    keep = 3
-
-    def __init__(self) -> None:
-        self._arrays: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        np_dtype = np.dtype({torch.float16: np.float16, torch.float32: np.float32}[dtype])
-        nbytes = math.prod(shape) * np_dtype.itemsize
-        if nbytes < self.min_bytes:
-            return torch.from_numpy(np.empty(shape, dtype=np_dtype))
-        with self._lock:  # the tensor exists before the lock goes: no two captures share an array
-            for arr in self._arrays:
-                # free: referenced only by the pool's list, this loop and getrefcount's argument
-                if arr.nbytes == nbytes and sys.getrefcount(arr) <= 3:
-                    return torch.from_numpy(arr.view(np_dtype).reshape(shape))
-            fresh = np.empty(nbytes, dtype=np.uint8)
-            self._arrays = (self._arrays + [fresh])[-self.keep:]
-            return torch.from_numpy(fresh.view(np_dtype).reshape(shape))
-
-    def release(self) -> None:
-        """Let go of the arrays nobody else holds (their memory goes back to the system)."""
-        with self._lock:
-            self._arrays = [a for a in self._arrays if sys.getrefcount(a) > 3]
-
-
-_BUFFERS = _BufferPool()
 
 
 class _LayerStore:

@@ -485,3 +485,32 @@ def test_discard_with_many_ties_equals_a_stable_sort(shape):
     x = (np.round(rng.random(shape) * 6) / 6).astype(np.float16).astype(np.float32)  # 7 levels: ties
     x[0, 0, :5] = [-0.5, -0.25, -0.5, 0.0, -1.0]
     _discard_equals_a_stable_sort(x, (1, shape[-1] // 2, shape[-1] - 1))
+
+
+def test_discard_with_some_tied_rows_in_many_blocks_equals_a_stable_sort():
+    """A minority of rows tie (most are selected by value, the tied ones on keys), spread over
+    many blocks of rows and both threads."""
+    rng = np.random.default_rng(11)
+    x = rng.random((3, 1500, 50)).astype(np.float32)
+    tied = rng.random((3, 1500)) < 0.1
+    x[tied] = np.round(x[tied] * 4) / 4  # 5 levels: these rows tie at the k-th value
+    _discard_equals_a_stable_sort(x, (1, 25, 49))
+
+
+def test_fused_layers_recycle_only_buffers_nobody_holds():
+    """Fused layers come from a pool (a slider setting at 1370 tokens fills 86 MB): a result that
+    is still held is never overwritten by the next setting, and one that was let go is reused."""
+    from explorer.analysis.rollout import fused_layers
+
+    att = random_attention(L=3, H=2, T=300, seed=5)  # 1.1 MB of fused layers: pooled
+    first = fused_layers(att, RolloutOptions(head_fusion="max"), 1)
+    kept = first.copy()
+    second = fused_layers(att, RolloutOptions(head_fusion="min"), 1)
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, kept)
+    address = first.__array_interface__["data"][0]
+    del first
+    third = fused_layers(att, RolloutOptions(head_fusion="mean"), 1)
+    assert third.__array_interface__["data"][0] == address  # the let-go buffer, no fresh pages
+    np.testing.assert_allclose(third.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(fused_layers(att, RolloutOptions(head_fusion="max"), 1), kept)
