@@ -16,8 +16,9 @@ Cases (``--cases``; all by default):
 
 Models: ViT-B/16 at 224, DINOv2-S/14 at 518 (1370 tokens) and TNT-S/16 at 224, random weights (speed
 does not depend on them). ``--quick`` uses 2-block models at 64–126 px, few repeats, 50 images and
-skips the cold-start cases unless ``--cold-start``. Prints a table of medians [min–max], ratios (median
-of per-round ratios between interleaved variants) and PASS/FAIL per target; exits non-zero only with ``--strict`` when a target is missed.
+skips the cold-start cases unless ``--cold-start``. Prints a table of medians [min–max], ratios
+(median of per-round ratios between interleaved variants) and PASS/FAIL per target; exits
+non-zero only with ``--strict`` when a target is missed.
 The full run takes ~20 minutes on 2 CPU cores, a third of it embedding 1,000 images with ViT-B
 (``--images`` shortens that).
 """

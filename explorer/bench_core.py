@@ -279,10 +279,6 @@ def ratio(a: Stats, b: Stats) -> float:
     return a.median / b.median if b.median > 0 else math.nan
 
 
-def ratio_of_medians(a: Stats, b: Stats) -> float:
-    return a.median / b.median if b.median > 0 else math.nan
-
-
 def _num(v: float | None, unit: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"

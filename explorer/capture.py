@@ -28,7 +28,6 @@ from . import families
 from .errors import CaptureError, ImageError
 from .families import TokenLayout
 from .buffers import BUFFERS as _BUFFERS
-from .buffers import BufferPool as _BufferPool  # noqa: F401  (tests make their own)
 from .images import DataConfig, decode, prepare
 
 #: Attention of one image is kept in float32 up to this many bytes, in float16 above it (values

@@ -513,7 +513,9 @@ def test_blocked_forward_removed_when_it_raises(image, monkeypatch):
 def test_buffer_pool_recycles_only_buffers_nobody_holds(monkeypatch):
     """Large capture buffers are handed out again once every tensor made from them is gone, never
     while an explanation still refers to them; the pool keeps at most ``keep`` arrays."""
-    pool = capture_mod._BufferPool(keep=3)
+    from explorer.buffers import BufferPool
+
+    pool = BufferPool(keep=3)
     monkeypatch.setattr(pool, "min_bytes", 1024)
     a = pool.empty((4, 64, 64), torch.float32)
     ptr = a.data_ptr()
