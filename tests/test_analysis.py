@@ -514,3 +514,66 @@ def test_fused_layers_recycle_only_buffers_nobody_holds():
     assert third.__array_interface__["data"][0] == address  # the let-go buffer, no fresh pages
     np.testing.assert_allclose(third.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(fused_layers(att, RolloutOptions(head_fusion="max"), 1), kept)
+
+
+def _ties_and_all_fusions(T: int, seed: int):
+    """float16 attention (max and min fusions tie at the k-th value in most rows), its float32
+    head means, and a copy with some negative weights (not from a softmax)."""
+    att = random_attention(L=3, H=3, T=T, seed=seed).astype(np.float16)
+    head_mean = random_attention(L=3, H=3, T=T, seed=seed).mean(1)
+    negative = att.copy()
+    negative[1, :, :5, :7] *= -1
+    return att, head_mean, negative
+
+
+@pytest.mark.parametrize("num_prefix", [1, 5])
+def test_ranked_discard_equals_selection_and_a_stable_sort(num_prefix):
+    """fused_layers with link_ranks (one comparison per link) gives bit for bit what the selection
+    in every row gives, for every fusion, ratio and start layer, with and without head means,
+    ties in float16 and negative weights; and zeroes the links a stable sort of the fused row puts
+    first."""
+    from explorer.analysis.rollout import _fuse_heads, fused_layers, link_ranks
+
+    att, head_mean, negative = _ties_and_all_fusions(T=num_prefix + 60, seed=num_prefix)
+    for a in (att, negative):
+        for fusion in ("mean", "max", "min"):
+            for hm in (None, head_mean):
+                ranks = link_ranks(a, fusion, num_prefix, head_mean=hm)
+                assert ranks.dtype == np.int16 and ranks.shape == (3, a.shape[-1], a.shape[-1])
+                assert (ranks[:, :, :num_prefix] == np.iinfo(np.int16).max).all()
+                # each row of the patch columns is a permutation: the order of a stable sort
+                import torch
+                for layer in range(3):
+                    vals = torch.empty(a.shape[-2:], dtype=torch.float32)
+                    _fuse_heads(torch.from_numpy(a[layer]), fusion, vals,
+                                None if hm is None else torch.from_numpy(hm[layer]))
+                    order = np.argsort(vals.numpy()[:, num_prefix:], axis=-1, kind="stable")
+                    np.testing.assert_array_equal(np.argsort(ranks[layer, :, num_prefix:], axis=-1), order)
+                for ratio in (0.0, 0.1, 0.5, 0.97):
+                    for start in (0, 2):
+                        opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start)
+                        plain = fused_layers(a, opts, num_prefix, head_mean=hm).copy()
+                        ranked = fused_layers(a, opts, num_prefix, head_mean=hm, ranks=ranks)
+                        np.testing.assert_array_equal(ranked, plain)
+
+
+def test_fused_max_and_min_of_float16_equal_the_float_reduction():
+    """Max and min fusion of float16 attention go through the int16 view of the bits; with a
+    negative weight anywhere in a layer they fall back to the float path. Both equal numpy's."""
+    from explorer.analysis.rollout import fused_layers
+
+    att, _, negative = _ties_and_all_fusions(T=40, seed=3)
+    for a in (att, negative):
+        for fusion, reduce in (("max", np.max), ("min", np.min)):
+            got = fused_layers(a, RolloutOptions(head_fusion=fusion, residual=0.0), 1)
+            ref = reduce(a.astype(np.float32), axis=1)
+            ref = ref / ref.sum(-1, keepdims=True)
+            np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-7)
+
+
+def test_ranks_must_fit_the_attention():
+    from explorer.analysis.rollout import fused_layers, link_ranks
+
+    att = random_attention(L=2, H=2, T=12, seed=1)
+    with pytest.raises(ValueError, match="do not fit"):
+        fused_layers(att, RolloutOptions(discard_ratio=0.5), 1, ranks=link_ranks(att[:1], "mean", 1))

@@ -217,3 +217,21 @@ def test_bad_inputs_get_clear_messages(client, tmp_path):
     # the previous model still works
     v = explain(client, example("circle"))
     assert v["pred"]["label"]
+
+
+def test_display_image_is_made_once_per_image():
+    """A small photo is enlarged for display once, not on every slider event, and a new image
+    (a copy of the session with another photo) gets its own."""
+    import dataclasses
+
+    from explorer.app.views import Session, display_image
+
+    small = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    s = Session(image=small)
+    first = display_image(s)
+    assert first.shape == (480, 720, 3) and display_image(s) is first  # 12× (ceil(448 / 40))
+    np.testing.assert_array_equal(first[::12, ::12], small)
+    other = small[::-1].copy()
+    s2 = dataclasses.replace(s, image=other)
+    np.testing.assert_array_equal(display_image(s2)[::12, ::12], other)
+    assert display_image(s) is first

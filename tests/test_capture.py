@@ -552,3 +552,24 @@ def test_capture_results_survive_the_next_capture(image):
         assert torch.equal(first.attention, kept)
     finally:
         capture_mod._BUFFERS.min_bytes = old_min
+
+
+def test_explanation_ranks_links_once_per_fusion(vit_model, image, monkeypatch):
+    """A discard ratio sorts every row once per head fusion (link_ranks); moving the ratio reuses
+    the ranks, at most two fusions' ranks and two fused settings are kept, and every cached answer
+    equals rollout from scratch."""
+    from explorer.analysis import RolloutOptions, rollout
+    from explorer.analysis.rollout import rollout_row
+
+    e = explorer.explain(vit_model, image)
+    built: list[str] = []
+    real = rollout.link_ranks
+    monkeypatch.setattr(rollout, "link_ranks", lambda a, fusion, *args, **kw: built.append(fusion) or real(a, fusion, *args, **kw))
+    q = e.layout.default_query()
+    for fusion in ("mean", "max", "min", "mean"):
+        for ratio in (0.0, 0.3, 0.8):
+            opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=1)
+            ref = rollout_row(e.attention, q, opts, e.layout.num_prefix, head_mean=e.head_mean)
+            np.testing.assert_array_equal(e.rollout_row(q, opts), ref)
+    assert built == ["mean", "max", "min", "mean"]  # mean's ranks were dropped for min's
+    assert sum(k[0] == "ranks" for k in e.cache) == 2 and sum(k[0] == "fused" for k in e.cache) == 2
