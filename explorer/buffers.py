@@ -1,17 +1,18 @@
-"""Large float buffers that are handed out again once nothing refers to them.
+"""Large buffers that are handed out again once nothing refers to them.
 
-Used by :mod:`explorer.capture` (attention, head means, TNT inner attention) and
-:func:`explorer.analysis.rollout.fused_layers` (the fused layers a slider setting makes): both
-write hundreds of MB that a fresh allocation would first have to fault in page by page.
+Used by :mod:`explorer.capture` (attention, head means, TNT inner attention),
+:func:`explorer.analysis.rollout.fused_layers` (the fused layers a slider setting makes) and
+:func:`explorer.render.overlay.overlay` (overlays at a photo's own size): all write tens to
+hundreds of MB that a fresh allocation would first have to fault in page by page.
 """
 from __future__ import annotations
 
 import math
 import sys
 import threading
+from typing import Any
 
 import numpy as np
-import torch
 
 
 class BufferPool:
@@ -40,19 +41,26 @@ class BufferPool:
         self._arrays: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        np_dtype = np.dtype({torch.float16: np.float16, torch.float32: np.float32}[dtype])
+    def array(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised numpy array of ``shape`` and ``dtype`` (recycled from 1 MB)."""
+        np_dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * np_dtype.itemsize
         if nbytes < self.min_bytes:
-            return torch.from_numpy(np.empty(shape, dtype=np_dtype))
-        with self._lock:  # the tensor exists before the lock goes: no two captures share an array
+            return np.empty(shape, dtype=np_dtype)
+        with self._lock:  # the view exists before the lock goes: no two callers share an array
             for arr in self._arrays:
                 # free: referenced only by the pool's list, this loop and getrefcount's argument
                 if arr.nbytes == nbytes and sys.getrefcount(arr) <= 3:
-                    return torch.from_numpy(arr.view(np_dtype).reshape(shape))
+                    return arr.view(np_dtype).reshape(shape)
             fresh = np.empty(nbytes, dtype=np.uint8)
             self._arrays = (self._arrays + [fresh])[-self.keep:]
-            return torch.from_numpy(fresh.view(np_dtype).reshape(shape))
+            return fresh.view(np_dtype).reshape(shape)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """:meth:`array` as a torch tensor (``dtype`` torch.float16 or torch.float32)."""
+        import torch
+
+        return torch.from_numpy(self.array(shape, {torch.float16: np.float16, torch.float32: np.float32}[dtype]))
 
     def release(self) -> None:
         """Let go of the arrays nobody else holds (their memory goes back to the system)."""
@@ -65,3 +73,6 @@ BUFFERS = BufferPool(keep=3)
 #: rollout's fused layers: an Explanation caches two settings, and a third is computed when the
 #: older one has gone
 FUSED = BufferPool(keep=2)
+#: overlays at a photo's own size (36 MB for 12 MP, where fresh pages cost 6-9 ms of a 21-ms
+#: overlay): the views of one image make two
+OVERLAYS = BufferPool(keep=2)

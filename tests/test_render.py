@@ -191,3 +191,23 @@ def test_marks_drawn_in_place_equal_the_copies():
     assert out is work
     np.testing.assert_array_equal(out, ref)
     assert not np.array_equal(ref, img)
+
+
+def test_full_size_overlays_recycle_only_buffers_nobody_holds():
+    """Overlays from 1 MB come from a pool: one still held (or a view of it) is never written
+    again, one let go is reused, and every overlay equals a fresh one."""
+    img = np.random.default_rng(1).integers(0, 256, (700, 900, 3), dtype=np.uint8)  # 1.9 MB
+    maps = [np.random.default_rng(s).random((7, 9)) for s in range(3)]
+    fresh = [ov.overlay(img, m).copy() for m in maps]
+    first = ov.overlay(img, maps[0])
+    corner = first[:10, :10]  # a view keeps the buffer taken
+    address = first.__array_interface__["data"][0]
+    del first
+    second = ov.overlay(img, maps[1])
+    assert second.__array_interface__["data"][0] != address
+    np.testing.assert_array_equal(corner, fresh[0][:10, :10])
+    del corner, second
+    third = ov.overlay(img, maps[2])
+    assert third.__array_interface__["data"][0] == address  # the let-go buffer, no fresh pages
+    assert any(np.shares_memory(third, kept) for kept in ov.OVERLAYS._arrays)
+    np.testing.assert_array_equal(third, fresh[2])

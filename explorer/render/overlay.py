@@ -11,6 +11,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..buffers import OVERLAYS
+
 COLORMAPS = {"inferno": cv2.COLORMAP_INFERNO, "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
              "viridis": cv2.COLORMAP_VIRIDIS, "magma": cv2.COLORMAP_MAGMA}
 _LUTS: dict[str, np.ndarray] = {}
@@ -78,7 +80,7 @@ def overlay(image: np.ndarray, m: np.ndarray, *, box: tuple[float, float, float,
     x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
     ix0, iy0 = max(0, int(round(x0))), max(0, int(round(y0)))
     ix1, iy1 = min(w, max(ix0 + 1, int(round(x1)))), min(h, max(iy0 + 1, int(round(y1))))
-    out = np.empty_like(image)
+    out = OVERLAYS.array(image.shape, image.dtype)  # recycled once the caller lets go of an overlay
     rw, rh = ix1 - ix0, iy1 - iy0
     big = _scaled_values(m, (rw, rh), smooth)
     lut = colormap_lut(colormap).reshape(256, 1, 3)
