@@ -577,3 +577,27 @@ def test_ranks_must_fit_the_attention():
     att = random_attention(L=2, H=2, T=12, seed=1)
     with pytest.raises(ValueError, match="do not fit"):
         fused_layers(att, RolloutOptions(discard_ratio=0.5), 1, ranks=link_ranks(att[:1], "mean", 1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_unnormalised_fused_layers_give_the_same_rollout(dtype):
+    """fused_sums keeps F and s = (1 - r)·F·1 + r instead of dividing every row: Â rebuilt from
+    them equals fused_layers, and rollout rows from them equal rows from Â; ``nonnegative``
+    (no sign check) changes nothing on softmax weights."""
+    from explorer.analysis.rollout import fused_layers, fused_sums, link_ranks, rollout_row
+
+    att = random_attention(L=4, H=3, T=30, seed=8).astype(dtype)
+    hm = att.astype(np.float32).mean(1)
+    for fusion in ("mean", "max", "min"):
+        ranks = link_ranks(att, fusion, 2, head_mean=hm)
+        for ratio in (0.0, 0.4):
+            for start in (0, 2):
+                opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start, residual=0.3)
+                full = fused_layers(att, opts, 2, head_mean=hm).copy()
+                f, s = fused_sums(att, opts, 2, head_mean=hm, ranks=ranks, nonnegative=True)
+                assert f.shape == (4 - start, 30, 30) and s.shape == (4 - start, 30)
+                rebuilt = (0.7 * f + 0.3 * np.eye(30, dtype=np.float32)) / s[..., None]
+                np.testing.assert_allclose(rebuilt, full, rtol=1e-6, atol=1e-8)
+                for q in (0, 1, 17):
+                    np.testing.assert_allclose(rollout_row(att, q, opts, 2, raw=(f, s)),
+                                               rollout_row(att, q, opts, 2, fused=full), rtol=1e-5, atol=1e-8)
