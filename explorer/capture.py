@@ -38,6 +38,8 @@ ATTENTION_FLOAT32_BUDGET = 64 * 2**20
 
 _locks: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
+#: guards every Explanation's ``cache`` dictionary (held for dictionary operations only)
+_cache_guard = threading.Lock()
 
 
 def model_lock(model: nn.Module) -> threading.Lock:
@@ -84,44 +86,53 @@ class Explanation:
     def fused(self, opts: Any) -> tuple[np.ndarray, np.ndarray]:
         """Rollout's fused layers for ``opts`` (an analysis.RolloutOptions) before the rows are
         divided, with the divisors (:func:`explorer.analysis.rollout.fused_sums`), kept for the
-        last two settings so a click costs L vector–matrix products, not a re-fusion. With a
+        last two settings used so a click costs L vector–matrix products, not a re-fusion. With a
         discard ratio, the links' ranks (:meth:`link_ranks`) make any other ratio one pass."""
         from .analysis.rollout import fused_sums
 
-        key = ("fused", opts)
-        if key not in self.cache:
-            ranks = self.link_ranks(opts.head_fusion) if opts.discard_ratio > 0 else None
-            self._make_room("fused")
-            self.cache[key] = fused_sums(self.attention, opts, self.layout.num_prefix, head_mean=self.head_mean,
-                                         ranks=ranks, nonnegative=self.nonnegative())
-        return self.cache[key]
+        def make():
+            T = self.attention.shape[-1]
+            discards = int((T - self.layout.num_prefix) * opts.discard_ratio) > 0
+            return fused_sums(self.attention, opts, self.layout.num_prefix, head_mean=self.head_mean,
+                              ranks=self.link_ranks(opts.head_fusion) if discards else None,
+                              nonnegative=self.nonnegative())
+
+        return self._cached(("fused", opts), make)
 
     def link_ranks(self, fusion: str) -> np.ndarray:
-        """:func:`explorer.analysis.rollout.link_ranks` for a head fusion, kept for two fusions
-        (45 MB each at 1370 tokens): built the first time a discard ratio is set, 0.3-0.5 s there."""
+        """:func:`explorer.analysis.rollout.link_ranks` for a head fusion, kept for the last two
+        fusions used (45 MB each at 1370 tokens): built the first time a discard ratio is set,
+        0.3-0.5 s there."""
         from .analysis.rollout import link_ranks
 
-        key = ("ranks", fusion)
-        if key not in self.cache:
-            self._make_room("ranks")
-            self.cache[key] = link_ranks(self.attention, fusion, self.layout.num_prefix, head_mean=self.head_mean,
-                                         nonnegative=self.nonnegative())
-        return self.cache[key]
+        return self._cached(("ranks", fusion), lambda: link_ranks(
+            self.attention, fusion, self.layout.num_prefix, head_mean=self.head_mean, nonnegative=self.nonnegative()))
 
     def nonnegative(self) -> bool:
         """No attention weight is negative (a softmax's never are; checked once, 10-20 ms at
         1370 tokens, on the sign bits)."""
-        key = ("nonnegative",)
-        if key not in self.cache:
+        def check() -> bool:
             a = torch.from_numpy(self.attention)
             bits = a.view(torch.int16 if a.dtype == torch.float16 else torch.int32)
-            self.cache[key] = bool(bits.min() >= 0) if bits.numel() else True
-        return self.cache[key]
+            return bool(bits.min() >= 0) if bits.numel() else True
 
-    def _make_room(self, kind: str) -> None:
-        """Drop all but the newest cached array of ``kind`` (so at most two are kept)."""
-        for old in [k for k in self.cache if k[0] == kind][:-1]:
-            del self.cache[old]
+        return self._cached(("nonnegative",), check)
+
+    def _cached(self, key: tuple, make: Any, keep: int = 2) -> Any:
+        """``self.cache[key]``, made by ``make()`` when missing; of the entries of the same kind
+        (``key[0]``) the ``keep`` used last are kept. Safe when several events of one session run
+        at once (the app allows four): the dictionary is only touched under a lock, and ``make``
+        runs outside it (two threads may make the same entry; both get an equal one)."""
+        with _cache_guard:
+            if key in self.cache:
+                self.cache[key] = self.cache.pop(key)  # used last: evicted last
+                return self.cache[key]
+        value = make()
+        with _cache_guard:
+            value = self.cache.setdefault(key, value)
+            for old in [k for k in self.cache if k[0] == key[0]][:-keep]:
+                self.cache.pop(old, None)
+        return value
 
     def rollout_row(self, query: int, opts: Any) -> np.ndarray:
         """Row ``query`` of the rollout for ``opts``: from the head means kept at capture for the

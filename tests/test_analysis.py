@@ -601,3 +601,31 @@ def test_unnormalised_fused_layers_give_the_same_rollout(dtype):
                 for q in (0, 1, 17):
                     np.testing.assert_allclose(rollout_row(att, q, opts, 2, raw=(f, s)),
                                                rollout_row(att, q, opts, 2, fused=full), rtol=1e-5, atol=1e-8)
+
+
+def test_discard_with_negative_ties_drops_exactly_k():
+    """Ties at a negative k-th value matter (zeroing a negative link changes the row): selection,
+    ranks and a stable sort agree on rows of a few repeated values, negative ones included."""
+    import torch
+
+    from explorer.analysis.rollout import discard_weakest, fused_layers, link_ranks
+
+    row = torch.tensor([[-0.25, -0.25, 0.5, 0.5]])
+    discard_weakest(row, 1)
+    assert row.tolist() == [[0.0, -0.25, 0.5, 0.5]]
+    rng = np.random.default_rng(12)
+    x = rng.choice(np.array([-0.5, -0.25, 0.0, 0.25, 0.5], dtype=np.float32), size=(2, 300, 40))
+    _discard_equals_a_stable_sort(x, (1, 7, 20, 39))
+    att = x.reshape(1, 2, 300, 40)[:, :, :40]  # (L=1, H=2, 40, 40)
+    for fusion in ("mean", "max", "min"):
+        ranks = link_ranks(att, fusion, 1)
+        for ratio in (0.1, 0.5):
+            opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio)
+            np.testing.assert_array_equal(fused_layers(att, opts, 1, ranks=ranks), fused_layers(att, opts, 1))
+
+
+def test_ranks_of_prefix_tokens_only():
+    from explorer.analysis.rollout import link_ranks
+
+    ranks = link_ranks(np.full((1, 1, 2, 2), 0.5, np.float32), "mean", 2)
+    assert (ranks == np.iinfo(np.int16).max).all()

@@ -573,3 +573,35 @@ def test_explanation_ranks_links_once_per_fusion(vit_model, image, monkeypatch):
                 np.testing.assert_allclose(e.rollout_row(q, opts), ref, rtol=1e-6, atol=1e-8)
     assert built == ["mean", "max", "min", "mean"]  # mean's ranks were dropped for min's
     assert sum(k[0] == "ranks" for k in e.cache) == 2 and sum(k[0] == "fused" for k in e.cache) == 2
+
+
+def test_explanation_cache_keeps_what_was_used_last_and_survives_threads(vit_model, image, monkeypatch):
+    """The cache evicts the setting used longest ago (not the one made first), and events of one
+    session running at once on four threads neither fail nor grow it past two per kind."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explorer.analysis import RolloutOptions, rollout, rollout_matrix
+
+    e = explorer.explain(vit_model, image)
+    built: list[str] = []
+    real = rollout.link_ranks
+    monkeypatch.setattr(rollout, "link_ranks", lambda a, fusion, *args, **kw: built.append(fusion) or real(a, fusion, *args, **kw))
+    for fusion in ("mean", "max", "mean", "min", "mean"):
+        e.fused(RolloutOptions(head_fusion=fusion, discard_ratio=0.5))
+    assert built == ["mean", "max", "min"]  # mean was used after max: max went first
+    q = e.layout.default_query()
+    settings = [RolloutOptions(head_fusion=f, discard_ratio=d, start_layer=s)
+                for f in ("mean", "max", "min") for d in (0.0, 0.3, 0.7) for s in (0, 1)]
+    want = {o: rollout_matrix(e.attention, o, e.layout.num_prefix)[q] for o in settings}
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            rows = list(pool.map(lambda o: (o, e.rollout_row(q, o)), settings * 20))
+    finally:
+        sys.setswitchinterval(switch)
+    for o, row in rows:
+        np.testing.assert_allclose(row, want[o], rtol=1e-6, atol=1e-8)
+    for kind in ("fused", "ranks"):
+        assert sum(k[0] == kind for k in e.cache) <= 2

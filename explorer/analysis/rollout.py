@@ -170,6 +170,8 @@ def link_ranks(attention: np.ndarray, fusion: str, num_prefix: int,
     dtype = np.int16 if width <= np.iinfo(np.int16).max else np.int32
     ranks = np.empty((L, T, T), dtype=dtype)
     ranks[:, :, :num_prefix] = np.iinfo(dtype).max
+    if width <= 0:  # prefix tokens only: nothing is ever discarded
+        return ranks
     shift = int(max(1, width - 1)).bit_length()
     vals = torch.empty((T, T), dtype=torch.float32)
     scratch = torch.empty((T, T), dtype=torch.int16)
@@ -275,7 +277,7 @@ def _kth_pair(rows: np.ndarray, k: int) -> np.ndarray:
     out = np.empty((rows.shape[0], 3), dtype=rows.dtype)
     out[:, 0] = part[:, k - 1]
     out[:, 1] = part[:, k:].min(-1) if k < part.shape[-1] else np.inf
-    out[:, 2] = (out[:, 0] == out[:, 1]) & (out[:, 0] > 0)
+    out[:, 2] = (out[:, 0] == out[:, 1]) & (out[:, 0] != 0)
     return out
 
 
