@@ -240,8 +240,6 @@ def _distances_for(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.
     return torch.stack([d, torch.ones_like(d)], 1)
 
 
-
-
 class _LayerStore:
     """Where each layer's attention goes as it is produced: the (B, L, H, T, T) buffer in the
     storage dtype, the head mean (B, L, T, T) and the mean attention distance (B, L, H).
