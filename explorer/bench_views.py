@@ -81,8 +81,33 @@ def _events(L: int, tokens: int, tnt: bool, rng: np.random.Generator) -> dict[st
     return ev
 
 
+def _encoder(cfg: BenchConfig) -> Callable[[dict], None]:
+    """What the server does with an event's outputs before it answers: the app's own components
+    (built by explorer/app/main.py) encode the overlay and the inner map as image files and the
+    layer × head grid as Plotly JSON (Gradio's ``postprocess``)."""
+    from .app.main import build_app
+
+    demo = build_app()
+    comps = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    cache = str(cfg.workdir / "gradio-cache")
+    outputs = {"overlay": comps["overlay"], "inner": comps["inner"], "layer_head": comps["layer_head"]}
+    for c in outputs.values():
+        c.GRADIO_CACHE = cache  # the bench's temporary folder, not the system's Gradio cache
+
+    def encode(out: dict) -> None:
+        for key, comp in outputs.items():
+            if out.get(key) is not None:
+                comp.postprocess(out[key])
+    return encode
+
+
+def _encoded(result: tuple, encode: Callable[[dict], None]) -> tuple:
+    encode(result[1])
+    return result
+
+
 def _slider_row(cfg: BenchConfig, loaded: Any, image: np.ndarray, rid: str, what: str, target: bool,
-                timer: Timer) -> list[Row]:
+                timer: Timer, encode: Callable[[dict], None]) -> list[Row]:
     from .app import handlers as H
     from .app import views
 
@@ -90,8 +115,9 @@ def _slider_row(cfg: BenchConfig, loaded: Any, image: np.ndarray, rid: str, what
     x, prep, sizes = prepared_batch(loaded, [image], cfg.device)
     exp = ours_explain(loaded, x, prep, sizes)[0]
     s = views.Session(model=loaded.name, exp=exp, image=image)
-    events = _events(exp.num_layers, exp.layout.num_tokens, exp.inner_attention is not None,
-                     np.random.default_rng(0))
+    events = {kind: (lambda fn: lambda s: _encoded(fn(s), encode))(fn) for kind, fn in
+              _events(exp.num_layers, exp.layout.num_tokens, exp.inner_attention is not None,
+                      np.random.default_rng(0)).items()}
     n = cfg.repeats if cfg.quick else max(cfg.repeats, 5)
     first: dict[str, float] = {}
     for kind, fn in events.items():  # warm-up: the first event of each kind fills the session's caches
@@ -133,21 +159,24 @@ def _slider_row(cfg: BenchConfig, loaded: Any, image: np.ndarray, rid: str, what
 
 
 def case_slider(cfg: BenchConfig, models: Models, timer: Timer) -> list[Row]:
+    from .app import views
     from .images import decode
 
     rows: list[Row] = []
     photo_path = assets_dir() / "examples" / "photos" / "coffee.png"
     image = decode(photo_path).array if photo_path.is_file() else synthetic_photo(600, 400, seed=3)
+    encode = _encoder(cfg)
     for key in models.keys():
         loaded = models.get(key)
         cfg.log(f"slider: {key}")
         rows += _slider_row(cfg, loaded, image, f"slider.latency[{key}]",
-                            f"one slider/click/query event answered from the session (slowest kind's median), "
-                            f"{image.shape[1]}×{image.shape[0]} photo, {loaded.name}", True, timer)
+                            f"one slider/click/query event answered from the session and encoded for the browser "
+                            f"(slowest kind's median), {image.shape[1]}×{image.shape[0]} photo, {loaded.name}", True, timer, encode)
     if "vit" in models.keys():
         w, h = cfg.photo_size
         rows += _slider_row(cfg, models.get("vit"), synthetic_photo(w, h, seed=4), "slider.latency_photo[vit]",
-                            f"the same events on a {w}×{h} photo (overlay at full size)", False, timer)
+                            f"the same events on a {w}×{h} photo (shown at most {views.DISPLAY_MAX_SIDE} px on its longest side)",
+                            False, timer, encode)
     return rows
 
 

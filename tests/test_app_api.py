@@ -219,6 +219,35 @@ def test_bad_inputs_get_clear_messages(client, tmp_path):
     assert v["pred"]["label"]
 
 
+def test_large_photo_is_shown_shrunk_and_clicks_still_find_their_patch(vit_model):
+    """A photo wider than DISPLAY_MAX_SIDE is shown area-averaged at that width (a 3200-px photo:
+    each shown pixel is the mean of a 2×2 block), the overlay has the shown size, and a click on
+    the shown image names the patch under it in the photo's own pixels."""
+    from explorer import explain as explain_py
+    from explorer.app import handlers as H
+    from explorer.app.views import DISPLAY_MAX_SIDE, Session, display_image, rollout_view
+
+    assert DISPLAY_MAX_SIDE == 1600
+    rng = np.random.default_rng(3)
+    photo = rng.integers(0, 256, (1000, 3200, 3), dtype=np.uint8)
+    exp = explain_py(vit_model, photo)
+    s = Session(exp=exp, image=photo)
+    shown = display_image(s)
+    assert shown.shape == (500, 1600, 3)
+    means = photo.reshape(500, 2, 1600, 2, 3).astype(float).mean((1, 3))
+    assert np.abs(shown.astype(float) - means).max() <= 1.0  # rounding only
+    img, _ = rollout_view(s, "en", fusion="mean", discard=0.0, start_layer=0, opacity=0.5, show_mask=False)
+    assert img.shape == shown.shape
+    x0, y0, x1, y1 = exp.box  # the centre crop, in the photo's pixels
+    rows, cols = exp.layout.grid
+    for r, c in ((0, 0), (rows - 1, cols - 1), (rows // 2, 1)):
+        px = x0 + (c + 0.5) * (x1 - x0) / cols  # the patch's centre in the photo...
+        py = y0 + (r + 0.5) * (y1 - y0) / rows
+        s2 = H.click(s, (px / 2, py / 2))  # ...clicked on the shown half-size image
+        assert s2.query == exp.layout.token_of_patch(r, c)
+    assert H.click(s, (1.0, 1.0)).query is None  # left of the crop: no patch
+
+
 def test_display_image_is_made_once_per_image():
     """A small photo is enlarged for display once, not on every slider event, and a new image
     (a copy of the session with another photo) gets its own."""

@@ -200,7 +200,6 @@ def click(s: views.Session, xy: tuple[float, float]) -> views.Session:
     return s if token is None else replace(s, query=token)
 
 
-
 EXPORT_TTL_S = 3600
 
 

@@ -147,8 +147,10 @@ def create_attention_tab(ui: UI) -> None:
         T(gr.Markdown(t("en", "howto_attention")), value="howto_attention")
         with gr.Row():
             with gr.Column(scale=3):
+                # JPEG: Gradio's default WebP took 140 ms to encode a 1200×800 overlay, ten times the
+                # slider event that made it; JPEG takes 5 ms (both are lossy, at similar sizes)
                 ui.overlay = gr.Image(type="numpy", interactive=False, show_label=False, height=460,
-                                      elem_id="overlay")
+                                      elem_id="overlay", format="jpeg")
                 ui.caption = gr.Markdown(elem_id="caption")
             with gr.Column(scale=2, min_width=260):
                 ui.fusion = T(gr.Radio(_choices("en", "fusion"), value="mean", elem_id="fusion"), label="fusion",

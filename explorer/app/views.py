@@ -54,26 +54,44 @@ def token_name(lang: str, exp: Explanation, token: int) -> str:
     return t(lang, "token_patch", index=token - lay.num_prefix, r=r, c=c)
 
 
+#: the longest side of the image the attention tab shows. The view is 460 px tall and full screen on
+#: a 1080p projector is 1920 px wide; a 12-MP photo sent at full size cost 2 s of encoding on the
+#: server per slider event (the download keeps full-size overlays: explorer/export.py)
+DISPLAY_MAX_SIDE = 1600
+
+
 def display_image(s: Session) -> np.ndarray:
-    """The user's image, enlarged when tiny (64-px classroom scenes) so it shows on a projector."""
+    """The user's image as the attention tab shows it: enlarged when tiny (64-px classroom scenes)
+    so it shows on a projector, shrunk (area-averaged) when its longest side is over
+    ``DISPLAY_MAX_SIDE``. Made once per image."""
     assert s.image is not None
     if s.display is None or s.display[0] is not s.image:
-        s.display = (s.image, overlay.upscale_nearest(s.image, 448))
+        img = s.image
+        h, w = img.shape[:2]
+        if max(h, w) > DISPLAY_MAX_SIDE:
+            import cv2
+
+            k = DISPLAY_MAX_SIDE / max(h, w)
+            size = (max(1, round(w * k)), max(1, round(h * k)))
+            s.display = (img, cv2.resize(img, size, interpolation=cv2.INTER_AREA))
+        else:
+            s.display = (img, overlay.upscale_nearest(img, 448))
     return s.display[1]
 
 
-def _display_box(s: Session) -> tuple[tuple[float, float, float, float], float]:
+def _display_box(s: Session) -> tuple[float, float, float, float]:
+    """The model's crop box in the displayed image's pixels."""
     assert s.exp is not None and s.image is not None
     disp = display_image(s)
-    k = disp.shape[0] / s.image.shape[0]
+    kx, ky = disp.shape[1] / s.image.shape[1], disp.shape[0] / s.image.shape[0]
     x0, y0, x1, y1 = s.exp.box
-    return (x0 * k, y0 * k, x1 * k, y1 * k), k
+    return x0 * kx, y0 * ky, x1 * kx, y1 * ky
 
 
 def click_to_token(s: Session, x: float, y: float) -> int | None:
     """The patch token under a click at ``(x, y)`` on the displayed image; None outside the crop."""
     assert s.exp is not None
-    (x0, y0, x1, y1), _ = _display_box(s)
+    x0, y0, x1, y1 = _display_box(s)
     if not (x0 <= x < x1 and y0 <= y < y1):
         return None
     rows, cols = s.exp.layout.grid
@@ -93,7 +111,7 @@ def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_la
     row = exp.rollout_row(q, opts)
     pmap = analysis.patch_map(row, exp.layout.num_prefix, exp.layout.grid)
     disp = display_image(s)
-    box, _ = _display_box(s)
+    box = _display_box(s)
     img = overlay.overlay(disp, pmap, box=box, alpha=float(opacity), smooth=min(disp.shape[:2]) > 2 * max(exp.layout.grid) * 8 and exp.layout.num_patches > 100)
     patch = exp.layout.patch_of_token(q)
     if patch is not None:
