@@ -171,11 +171,13 @@ def case_slider(cfg: BenchConfig, models: Models, timer: Timer) -> list[Row]:
         cfg.log(f"slider: {key}")
         rows += _slider_row(cfg, loaded, image, f"slider.latency[{key}]",
                             f"one slider/click/query event answered from the session and encoded for the browser "
-                            f"(slowest kind's median), {image.shape[1]}×{image.shape[0]} photo, {loaded.name}", True, timer, encode)
+                            f"(slowest kind's median), {image.shape[1]}×{image.shape[0]} photo, {loaded.name}",
+                            True, timer, encode)
     if "vit" in models.keys():
         w, h = cfg.photo_size
         rows += _slider_row(cfg, models.get("vit"), synthetic_photo(w, h, seed=4), "slider.latency_photo[vit]",
-                            f"the same events on a {w}×{h} photo (shown at most {views.DISPLAY_MAX_SIDE} px on its longest side)",
+                            f"the same events on a {w}×{h} photo (shown at most {views.DISPLAY_MAX_SIDE} px "
+                            f"on its longest side)",
                             False, timer, encode)
     return rows
 

@@ -246,6 +246,8 @@ def test_large_photo_is_shown_shrunk_and_clicks_still_find_their_patch(vit_model
         s2 = H.click(s, (px / 2, py / 2))  # ...clicked on the shown half-size image
         assert s2.query == exp.layout.token_of_patch(r, c)
     assert H.click(s, (1.0, 1.0)).query is None  # left of the crop: no patch
+    strip = Session(image=photo[:300, :1000])  # short side under 448, long side 1000
+    assert display_image(strip).shape == (300, 1000, 3)  # doubling it would pass 1600: left as it is
 
 
 def test_display_image_is_made_once_per_image():

@@ -75,7 +75,7 @@ def display_image(s: Session) -> np.ndarray:
             size = (max(1, round(w * k)), max(1, round(h * k)))
             s.display = (img, cv2.resize(img, size, interpolation=cv2.INTER_AREA))
         else:
-            s.display = (img, overlay.upscale_nearest(img, 448))
+            s.display = (img, overlay.upscale_nearest(img, 448, DISPLAY_MAX_SIDE))
     return s.display[1]
 
 

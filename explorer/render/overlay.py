@@ -177,10 +177,14 @@ def mask_outline(image: np.ndarray, mask: np.ndarray, *, box: tuple[float, float
     return out
 
 
-def upscale_nearest(image: np.ndarray, min_side: int = 384) -> np.ndarray:
-    """Enlarge a small image (a 64-px classroom scene) so it shows crisply on a projector."""
+def upscale_nearest(image: np.ndarray, min_side: int = 384, max_side: int | None = None) -> np.ndarray:
+    """Enlarge a small image (a 64-px classroom scene) by a whole factor so it shows crisply on a
+    projector: its short side to at least ``min_side``, its long side to at most ``max_side``."""
     h, w = image.shape[:2]
-    k = max(1, int(np.ceil(min_side / max(1, min(h, w)))))
+    k = int(np.ceil(min_side / max(1, min(h, w))))
+    if max_side is not None:
+        k = min(k, max_side // max(1, h, w))
+    k = max(1, k)
     return image if k == 1 else cv2.resize(image, (w * k, h * k), interpolation=cv2.INTER_NEAREST)
 
 
