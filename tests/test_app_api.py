@@ -158,7 +158,7 @@ def test_controls_and_queries_answer_from_the_cache(client):
     out = dict(zip(ATTN, client.predict(token, "en", "mean", 0.0, 0, 0.55, True, 0, api_name="/set_query")))
     assert out["query"] == token
     assert "patch 28 (row 3, col 4)" in out["caption"]
-    z = np.asarray(plot_data(out["layer_head"])[0].customdata, dtype=float)[..., 3]  # raw weights in hover data
+    z = np.asarray(plot_data(out["layer_head"])[0].customdata, dtype=float)[..., 1]  # raw weights in hover data
     top_left = z[:8, :8]  # layer 0, head 0
     np.testing.assert_allclose(top_left, exp.attention[0, 0, token, 1:].reshape(8, 8), atol=1e-4)
     out = dict(zip(ATTN, client.predict("en", "mean", 0.0, 0, 0.55, True, 0, api_name="/reset_query")))

@@ -175,8 +175,14 @@ def test_layer_head_grid_figure():
     z = np.asarray(fig.data[0].z, dtype=float)
     assert z.shape == (2 * 5 - 1, 3 * 5 - 1)
     np.testing.assert_allclose(z[5:9, 10:14], maps[1, 2] / maps[1, 2].max(), rtol=1e-6)
-    raw = np.asarray(fig.data[0].customdata, dtype=float)[..., 3]
-    np.testing.assert_allclose(raw[5:9, 10:14], maps[1, 2], rtol=1e-6)
+    custom = np.asarray(fig.data[0].customdata, dtype=float)
+    np.testing.assert_allclose(custom[5:9, 10:14, 1], maps[1, 2], rtol=1e-6)  # raw weights
+    np.testing.assert_array_equal(custom[5:9, 10:14, 0], np.arange(16).reshape(4, 4))  # patch index
+    assert (custom[4, :, 0] == -1).all() and np.isnan(z[4]).all()  # the gap row
+    # the hover names a cell by its categories: layer and row (y), head and column (x)
+    assert fig.data[0].y[7] == "layer 1 · row 2" and fig.data[0].x[13] == "head 2 · col 3"
+    assert len(set(fig.data[0].x)) == z.shape[1] and len(set(fig.data[0].y)) == z.shape[0]
+    assert fig.layout.xaxis.type == "category" and list(fig.layout.xaxis.ticktext) == ["head 0", "head 1", "head 2"]
 
 
 def test_marks_drawn_in_place_equal_the_copies():

@@ -161,7 +161,8 @@ def layer_head_figure(s: Session, lang: str):
     maps = analysis.query_maps(exp.attention, q, exp.layout)
     return figures.layer_head_grid(maps, title=t(lang, "layer_head_title", query=token_name(lang, exp, q)),
                                    layer_label=t(lang, "layer"), head_label=t(lang, "head"),
-                                   value_label=t(lang, "weight"))
+                                   value_label=t(lang, "weight"), row_label=t(lang, "pos_row"),
+                                   col_label=t(lang, "pos_col"))
 
 
 def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, str]:
