@@ -76,6 +76,18 @@ def check_posembed_hover_data(pg) -> None:
     assert cd == [[0, 0], [1, 0], [0, 3], [1, 2], [-1, -1]], cd
 
 
+def check_layer_head_hover_data(pg) -> None:
+    """The layer × head grid after a click on patch 21 (row 2, col 5 of the 8×8 grid): plotly.js
+    has the axes' category names the hover label shows and the (patch, weight) hover data."""
+    pg.wait_for_function("(() => { const g = document.querySelector('#layer_head .js-plotly-plot'); "
+                         "return g && g._fullLayout && g._fullLayout.title.text.includes('patch 21'); })()")
+    d = pg.evaluate("(() => { const t = document.querySelector('#layer_head .js-plotly-plot')._fullData[0]; "
+                    "return [t.y[2], t.x[5], Array.from(t.customdata[2][5]), t.x[8]]; })()")
+    assert d[0] == "layer 0 · row 2" and d[1] == "head 0 · col 5", d
+    assert d[2][0] == 21 and 0.0 <= d[2][1] <= 1.0, d  # patch index, attention weight
+    assert d[3].strip() == "", d  # the gap column between head 0 and head 1
+
+
 def shoot_all_tabs(pg, lang: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     tabs = pg.locator("#tabs button[role=tab]")
@@ -116,6 +128,7 @@ def test_upload_click_tabs_and_chinese(page):
     assert query_value(pg) == str(1 + 2 * 8 + 5)
     assert "patch 21 (row 2, col 5)" in pg.locator("#caption").inner_text()
     assert overlay_src(pg) != before
+    check_layer_head_hover_data(pg)
     pg.click("#reset")
     wait_change(pg, lambda: query_value(pg), str(1 + 2 * 8 + 5))
     assert query_value(pg) == "0"
