@@ -66,16 +66,7 @@ def display_image(s: Session) -> np.ndarray:
     ``DISPLAY_MAX_SIDE``. Made once per image."""
     assert s.image is not None
     if s.display is None or s.display[0] is not s.image:
-        img = s.image
-        h, w = img.shape[:2]
-        if max(h, w) > DISPLAY_MAX_SIDE:
-            import cv2
-
-            k = DISPLAY_MAX_SIDE / max(h, w)
-            size = (max(1, round(w * k)), max(1, round(h * k)))
-            s.display = (img, cv2.resize(img, size, interpolation=cv2.INTER_AREA))
-        else:
-            s.display = (img, overlay.upscale_nearest(img, 448, DISPLAY_MAX_SIDE))
+        s.display = (s.image, overlay.fit_for_display(s.image, 448, DISPLAY_MAX_SIDE))
     return s.display[1]
 
 

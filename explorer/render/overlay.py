@@ -188,6 +188,16 @@ def upscale_nearest(image: np.ndarray, min_side: int = 384, max_side: int | None
     return image if k == 1 else cv2.resize(image, (w * k, h * k), interpolation=cv2.INTER_NEAREST)
 
 
+def fit_for_display(image: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
+    """An image sized for a view: shrunk (area-averaged) when its long side is over ``max_side``,
+    else enlarged by :func:`upscale_nearest` (never past ``max_side``)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return upscale_nearest(image, min_side, max_side)
+    k = max_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+
+
 def tile_maps(maps: np.ndarray, *, size: int = 72, pad: int = 2, colormap: str = "inferno") -> np.ndarray:
     """A (R, C, rows, cols) stack of maps as one image of R×C heatmap tiles, each normalised."""
     R, C = maps.shape[:2]
