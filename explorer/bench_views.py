@@ -33,10 +33,16 @@ def case_views(cfg: BenchConfig, models: Models, timer: Timer) -> list[Row]:
         sess = views.Session(model=loaded.name, exp=exp, image=photo)
         parts: dict[str, list[float]] = {}
         app_parts: dict[str, list[float]] = {}
+        copies = [np.empty_like(photo), np.empty_like(photo)]
         st, mem = timer.interleave({"forward": lambda: plain_forward(net, x1),
                                     "views": lambda: views_computed(exp, photo, parts),
-                                    "app": lambda: views_app(sess, loaded, "en", app_parts)}, cfg.repeats, cfg.warmup)
+                                    "app": lambda: views_app(sess, loaded, "en", app_parts),
+                                    # the memory floor of two photo-sized overlays: copying the photo twice
+                                    "copies": lambda: [np.copyto(c, photo) for c in copies]},
+                                   cfg.repeats, cfg.warmup)
         breakdown = " · ".join(f"{k} {np.median(v) * 1e3:.1f}" for k, v in parts.items()) + " ms"
+        breakdown += (f" (two plain copies of the photo, the floor of any two overlays: "
+                      f"{st['copies'].median * 1e3:.1f} ms)")
         app_breakdown = " · ".join(f"{k} {np.median(v) * 1e3:.1f}" for k, v in app_parts.items()) + " ms"
         rows.append(Row(f"views.computed[{key}]", "views",
                         f"all views of one image from its Explanation (rollout, layer×head grid, distance, "

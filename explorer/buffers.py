@@ -74,5 +74,6 @@ BUFFERS = BufferPool(keep=3)
 #: older one has gone
 FUSED = BufferPool(keep=2)
 #: overlays at a photo's own size (36 MB for 12 MP, where fresh pages cost 6-9 ms of a 21-ms
-#: overlay): the views of one image make two
-OVERLAYS = BufferPool(keep=2)
+#: overlay): the views of one image make two, and the app's display-size overlay lives beside
+#: them (with two kept, each display overlay pushed a 36-MB buffer out: +20 ms for the next pair)
+OVERLAYS = BufferPool(keep=3)
