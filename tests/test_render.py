@@ -90,61 +90,6 @@ def test_overlay_in_bands_and_threads_equals_one_pass(monkeypatch, workers):
     out = ov.overlay(img, m, box=box, alpha=0.55)
     np.testing.assert_array_equal(out, ref)
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sampled_overlay_in_bands_and_threads_equals_one_pass(monkeypatch, workers):
-    """A smooth map over a big region is coloured every k-th row: bands of rows (k apart in one
-    call) and threads give pixel for pixel the one-band, one-thread result."""
-    img = _image(403, 371, seed=11)
-    box = (30.6, 9.0, 341.2, 398.0)
-    maps = [np.random.default_rng(s).random((5, 5)) for s in (6, 7)]
-    monkeypatch.setattr(ov, "_SAMPLED_PIXELS", 1)
-    monkeypatch.setattr(ov, "_SAMPLES_PER_PATCH", 12)  # cells of ~62 px: k = 4
-    assert ov.sample_step((311, 389), (5, 5), True) == 4
-    monkeypatch.setattr(ov, "_workers", lambda pixels: 1)
-    monkeypatch.setattr(ov, "_SAMPLED_BAND_ROWS", 10**6)
-    ref = [ov.overlay(img, m, box=box, alpha=0.55).copy() for m in maps]
-    monkeypatch.setattr(ov, "_SAMPLED_BAND_ROWS", 8)
-    monkeypatch.setattr(ov, "_workers", lambda pixels: workers)
-    both = ov.overlays(img, maps, box=box, alpha=0.55)
-    for out, r in zip(both, ref):
-        np.testing.assert_array_equal(out, r)
-
-
-def test_sampled_overlay_close_to_colouring_every_pixel():
-    """Every 4th row coloured, the rows around it taking its colours: within a few levels of
-    the exact per-pixel overlay, and exact in the dimmed margin."""
-    import cv2
-
-    img = _image(1100, 1400, seed=12)
-    box = (150.0, 0.0, 1250.0, 1100.0)
-    m = np.random.default_rng(13).random((5, 5)) ** 2
-    assert ov.sample_step((1100, 1100), (5, 5), True) == 4  # 220-px patches
-    assert ov.sample_step((1100, 1100), (14, 14), True) == 1  # 79-px patches: every pixel
-    assert ov.sample_step((1100, 1100), (5, 5), False) == 1
-    out = ov.overlay(img, m, box=box).astype(int)
-    ref = cv2.convertScaleAbs(img, alpha=0.35)
-    ref[:, 150:1250] = cv2.addWeighted(img[:, 150:1250], 0.5, ov.heatmap(m, (1100, 1100)), 0.5, 0.0)
-    diff = np.abs(out - ref)
-    assert diff.max() <= 6 and diff.mean() < 0.3, (diff.max(), diff.mean())
-    assert diff[:, :150].max() == 0 and diff[:, 1250:].max() == 0
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_sampled_values_are_opencvs_bicubic(k):
-    """The matrix form of the bicubic kernel gives cv2.resize's INTER_CUBIC values at the sample
-    rows (k odd: sample rows fall on pixel rows), within its fixed-point rounding."""
-    import cv2
-
-    m = np.random.default_rng(14).random((7, 9))
-    w, h = 301, 250
-    full = cv2.resize(np.round(ov.normalise(m) * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
-    got = ov.sampled_values(m, (w, h), k)
-    assert got.shape == (-(-h // k), w)
-    rows = np.arange(got.shape[0]) * k + (k - 1) // 2
-    keep = rows < h
-    assert np.abs(got[keep].astype(int) - full[rows[keep]]).max() <= 1
-
-
 def test_overlay_alpha_extremes():
     img = _image(40, 40)
     m = np.random.default_rng(3).random((2, 2))

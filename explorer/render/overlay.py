@@ -5,7 +5,6 @@ that knows OpenCV's colour maps come out in BGR order.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -19,10 +18,6 @@ COLORMAPS = {"inferno": cv2.COLORMAP_INFERNO, "jet": cv2.COLORMAP_JET, "turbo": 
 _LUTS: dict[str, np.ndarray] = {}
 _BAND_PIXELS = 1 << 16  # pixels per band of rows when blending
 _PARALLEL_PIXELS = 1 << 20  # images from this size are blended on several threads
-_SAMPLED_PIXELS = 1 << 20  # smooth maps over regions from this size are coloured at sample points
-_SAMPLE_STEP = 4  # ... every this many pixels at most
-_SAMPLES_PER_PATCH = 48  # ... keeping at least this many sample rows across a patch
-_SAMPLED_BAND_ROWS = 64  # rows per band when maps are sampled (a call blends rows k apart)
 _POOLS: dict[int, Any] = {}
 
 
@@ -80,134 +75,39 @@ def overlay(image: np.ndarray, m: np.ndarray, *, box: tuple[float, float, float,
         box: the region ``(x0, y0, x1, y1)`` the model saw; the map covers it and the rest of the
             image is dimmed. None: the map covers the whole image.
         alpha: opacity of the heatmap.
-        smooth: bicubic interpolation of the map (else each patch one flat colour).
-    """
-    return overlays(image, [m], box=box, alpha=alpha, colormap=colormap, smooth=smooth,
-                    dim_outside=dim_outside)[0]
-
-
-def overlays(image: np.ndarray, maps: list[np.ndarray], *,
-             box: tuple[float, float, float, float] | None = None, alpha: float = 0.5,
-             colormap: str = "inferno", smooth: bool = True, dim_outside: float = 0.35) -> list[np.ndarray]:
-    """:func:`overlay` of several maps over one image, made in one pass over the image: each band
-    of its rows is read from memory once and blended with every map while it is in the CPU cache
-    (a 12-MP photo is 36 MB; two overlays made apart read it twice).
-
-    A smooth map over a region of a megapixel or more is coloured on every k-th row only
-    (:func:`sample_step`), and the k rows around a sample row take its colours: the surface moves
-    by at most (k-1)/2 pixels, a few colour levels where it is steepest (it bends over a patch of
-    hundreds of pixels), and the work per pixel is the blend alone.
     """
     h, w = image.shape[:2]
     x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
     ix0, iy0 = max(0, int(round(x0))), max(0, int(round(y0)))
     ix1, iy1 = min(w, max(ix0 + 1, int(round(x1)))), min(h, max(iy0 + 1, int(round(y1))))
-    outs = [OVERLAYS.array(image.shape, image.dtype) for _ in maps]  # recycled once let go
+    out = OVERLAYS.array(image.shape, image.dtype)  # recycled once the caller lets go of an overlay
     rw, rh = ix1 - ix0, iy1 - iy0
+    big = _scaled_values(m, (rw, rh), smooth)
     lut = colormap_lut(colormap).reshape(256, 1, 3)
-    ks = [sample_step((rw, rh), m.shape, smooth) for m in maps]
-    # k = 1: the values at every pixel, coloured a band at a time. Sampled: the two factors of
-    # the sample rows' values, which each thread multiplies and colours for its own rows at once
-    # (OpenCV colours a megapixel at once in half the time it takes in bands)
-    sources = [_scaled_values(m, (rw, rh), smooth) if k == 1 else _cubic_factors(m, (rw, rh), k)
-               for m, k in zip(maps, ks)]
-    band = _BAND_PIXELS // w if max(ks) == 1 else _SAMPLED_BAND_ROWS
-    band = max(_SAMPLE_STEP, band // _SAMPLE_STEP * _SAMPLE_STEP)  # a multiple of every k
-
-    def dim(sl: Any) -> None:
-        if image[sl].size:
-            cv2.convertScaleAbs(image[sl], dst=outs[0][sl], alpha=dim_outside)
-            for out in outs[1:]:
-                np.copyto(out[sl], outs[0][sl])
+    band = max(1, _BAND_PIXELS // w)
 
     def rows(ya: int, yb: int) -> None:
-        """Output rows ``ya .. yb``, a band at a time: the band's photo, heatmaps and outputs stay
-        in the CPU cache. Bands inside the box start at a multiple of ``band`` from its top."""
-        lo, hi = max(ya, iy0), min(yb, iy1)  # the rows inside the box
-        if lo >= hi:
-            dim(np.s_[ya:yb])
-            return
-        dim(np.s_[ya:lo])
-        dim(np.s_[hi:yb])
-        coloured = [None if k == 1 else
-                    cv2.applyColorMap(_sampled_rows(*sources[i], (lo - iy0) // k, -(-(hi - iy0) // k)), lut)
-                    for i, k in enumerate(ks)]
-        for y in range(lo, hi, band):
-            y2 = min(hi, y + band)
-            dim(np.s_[y:y2, :ix0])
-            dim(np.s_[y:y2, ix1:])
-            for i, out in enumerate(outs):
-                k = ks[i]  # the band's colours: sampled, one row for each k rows
-                hm = (cv2.applyColorMap(sources[i][y - iy0:y2 - iy0], lut) if k == 1 else
-                      coloured[i][(y - iy0) // k - (lo - iy0) // k:])
-                for j in range(min(k, y2 - y)):  # k = 1: the band; else its rows j, j + k, ...
-                    sl = np.s_[y + j:y2:k, ix0:ix1]
-                    cv2.addWeighted(image[sl], 1.0 - alpha, hm[:out[sl].shape[0]], alpha, 0.0, dst=out[sl])
+        """Output rows ``ya .. yb``, a band at a time: the band's photo, heatmap and output stay
+        in the CPU cache (colouring the whole region first, then blending, read it all twice)."""
+        for y in range(ya, yb, band):
+            y2 = min(yb, y + band)
+            lo, hi = max(y, iy0), min(y2, iy1)  # the band's rows inside the box
+            if lo >= hi:
+                cv2.convertScaleAbs(image[y:y2], dst=out[y:y2], alpha=dim_outside)
+                continue
+            for sl in (np.s_[y:lo], np.s_[hi:y2], np.s_[lo:hi, :ix0], np.s_[lo:hi, ix1:]):
+                if image[sl].size:  # outside the box: dimmed
+                    cv2.convertScaleAbs(image[sl], dst=out[sl], alpha=dim_outside)
+            hm = cv2.applyColorMap(big[lo - iy0:hi - iy0], lut)
+            cv2.addWeighted(image[lo:hi, ix0:ix1], 1.0 - alpha, hm, alpha, 0.0, dst=out[lo:hi, ix0:ix1])
 
     workers = _workers(h * w)
     if workers > 1:  # OpenCV releases the GIL: bands of rows on several cores
-        inner = [iy0 + round(i * rh / workers / band) * band for i in range(1, workers)]
-        cuts = [0] + [min(h, max(0, c)) for c in inner] + [h]
+        cuts = [round(i * h / workers) for i in range(workers + 1)]
         list(_pool(workers).map(lambda i: rows(cuts[i], cuts[i + 1]), range(workers)))
     else:
         rows(0, h)
-    return outs
-
-
-def sample_step(size: tuple[int, int], grid: tuple[int, ...], smooth: bool) -> int:
-    """Every how many pixels :func:`overlay` colours a map of ``grid`` over a region of ``size``
-    = (width, height): 1 (every pixel) for flat patches and regions under a megapixel, else up
-    to 4 (a power of 2), keeping at least 48 sample rows across a patch (a 14 × 14 map over
-    3000 px: 4; a 37 × 37 map: 1)."""
-    rw, rh = size
-    if not smooth or rw * rh < _SAMPLED_PIXELS:
-        return 1
-    cell = min(rw / grid[1], rh / grid[0])
-    k = int(min(_SAMPLE_STEP, cell // _SAMPLES_PER_PATCH))
-    return 4 if k >= 4 else 2 if k >= 2 else 1  # 1, 2 or 4: bands start at multiples of 4
-
-
-def sampled_values(m: np.ndarray, size: tuple[int, int], k: int) -> np.ndarray:
-    """The values :func:`heatmap` gives rows ``k·i + (k-1)/2`` of a region of ``size`` = (width,
-    height), every column: the map's bicubic interpolation (OpenCV's kernel, a = -0.75, edges
-    replicated), ``(ceil(height/k), width)`` uint8, within a level of :func:`heatmap`'s."""
-    left, right = _cubic_factors(m, size, k)
-    return _sampled_rows(left, right, 0, left.shape[0])
-
-
-def _cubic_factors(m: np.ndarray, size: tuple[int, int], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sample rows × map columns, map columns × width) float32: their product is the sampled
-    values. Both interpolations in float, clamped once at the end, as OpenCV does (clamping
-    between the two passes changes values by up to 23 levels where the kernel overshoots)."""
-    u8 = np.round(normalise(m) * 255).astype(np.float32)
-    return _cubic_weights(size[1], m.shape[0], k) @ u8, _cubic_weights(size[0], m.shape[1], 1).T
-
-
-def _sampled_rows(left: np.ndarray, right: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Sample rows ``a .. b`` of ``left @ right``, rounded to uint8 (negatives to 0)."""
-    out = np.empty((b - a, right.shape[1]), np.uint8)
-    step = max(1, (1 << 16) // right.shape[1])  # rows at a time: the float rows stay in the cache
-    for r in range(a, b, step):
-        values = left[r:min(b, r + step)] @ right
-        cv2.convertScaleAbs(cv2.max(values, 0.0, dst=values), dst=out[r - a:r - a + values.shape[0]])
     return out
-
-
-@functools.lru_cache(maxsize=16)
-def _cubic_weights(n_out: int, n_in: int, k: int) -> np.ndarray:
-    """``(ceil(n_out/k), n_in)``: row i weighs the n_in values to give cv2.resize's INTER_CUBIC
-    value (n_in stretched over n_out pixels) at pixel k·i + (k-1)/2."""
-    a = -0.75
-    pos = (k * np.arange(-(-n_out // k)) + (k - 1) / 2 + 0.5) * (n_in / n_out) - 0.5
-    left = np.floor(pos)
-    f = (pos - left)[:, None]
-    taps = np.clip(left[:, None] + np.arange(-1, 3), 0, n_in - 1).astype(int)  # (samples, 4)
-    w0 = ((a * (f + 1) - 5 * a) * (f + 1) + 8 * a) * (f + 1) - 4 * a
-    w1 = ((a + 2) * f - (a + 3)) * f * f + 1
-    w2 = ((a + 2) * (1 - f) - (a + 3)) * (1 - f) * (1 - f) + 1
-    wts = np.concatenate([w0, w1, w2, 1 - w0 - w1 - w2], axis=1)
-    # a tap clipped at an edge adds its weight to the edge value
-    return np.einsum("pt,ptj->pj", wts, taps[:, :, None] == np.arange(n_in)).astype(np.float32)
 
 
 def _font_scale(cell: float) -> float:
