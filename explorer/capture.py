@@ -83,21 +83,18 @@ class Explanation:
     #: the results, cleared freely
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def fused(self, opts: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Rollout's fused layers for ``opts`` (an analysis.RolloutOptions) before the rows are
-        divided, with the divisors (:func:`explorer.analysis.rollout.fused_sums`), kept for the
-        last two settings used so a click costs L vector–matrix products, not a re-fusion. With a
-        discard ratio, the links' ranks (:meth:`link_ranks`) make any other ratio one pass."""
-        from .analysis.rollout import fused_sums
+    def fused(self, fusion: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every layer's attention fused over heads by ``fusion`` ("mean", "max", "min"), nothing
+        discarded or divided, with the row sums rollout divides by
+        (:func:`explorer.analysis.rollout.fused_sums`): kept for the last two fusions used, so a
+        click costs L vector–matrix products and a new discard ratio or start layer reads them
+        again instead of fusing again. Mean fusion with the head means kept at capture needs
+        none of this."""
+        from .analysis.rollout import RolloutOptions, fused_sums
 
-        def make():
-            T = self.attention.shape[-1]
-            discards = int((T - self.layout.num_prefix) * opts.discard_ratio) > 0
-            return fused_sums(self.attention, opts, self.layout.num_prefix, head_mean=self.head_mean,
-                              ranks=self.link_ranks(opts.head_fusion) if discards else None,
-                              nonnegative=self.nonnegative())
-
-        return self._cached(("fused", opts), make)
+        return self._cached(("fused", fusion), lambda: fused_sums(
+            self.attention, RolloutOptions(head_fusion=fusion), self.layout.num_prefix,
+            head_mean=self.head_mean, nonnegative=self.nonnegative()))
 
     def link_ranks(self, fusion: str) -> np.ndarray:
         """:func:`explorer.analysis.rollout.link_ranks` for a head fusion, kept for the last two
@@ -139,14 +136,30 @@ class Explanation:
         return value
 
     def rollout_row(self, query: int, opts: Any) -> np.ndarray:
-        """Row ``query`` of the rollout for ``opts``: from the head means kept at capture for the
-        paper's setting (mean fusion, nothing discarded: L matrix–vector products, nothing kept),
-        otherwise from the cached fused layers."""
-        from .analysis.rollout import rollout_row
+        """Row ``query`` of the rollout for ``opts`` (an analysis.RolloutOptions), from what the
+        explanation keeps: the head means from capture (the paper's mean fusion), or the fused
+        layers of :meth:`fused`; with a discard ratio, straight from those and their
+        :meth:`link_ranks` (:func:`explorer.analysis.rollout.ranked_rollout_row`), so moving the
+        discard slider writes no new layers and evicts no fusion."""
+        from .analysis import rollout as R
 
-        if opts.head_fusion == "mean" and opts.discard_ratio == 0 and self.head_mean is not None:
-            return rollout_row(self.attention, query, opts, self.layout.num_prefix, head_mean=self.head_mean)
-        return rollout_row(self.attention, query, opts, self.layout.num_prefix, raw=self.fused(opts))
+        R._check(self.attention, opts, query)
+        T, p = self.attention.shape[-1], self.layout.num_prefix
+        k = int((T - p) * opts.discard_ratio) if opts.discard_ratio > 0 else 0
+        start = opts.start_layer
+        if opts.head_fusion == "mean" and self.head_mean is not None:
+            if k == 0:  # divided by the head means' row sums, kept: one product per layer
+                sums = self._cached(("row_sums", "mean"), lambda: torch.from_numpy(self.head_mean).sum(-1).numpy())
+                r = np.float32(opts.residual)
+                return R._chain(self.head_mean[start:], (1 - r) * sums[start:] + r, query, opts.residual)
+            layers = self.head_mean
+        else:
+            R._check_fusion(opts.head_fusion)
+            layers, sums = self.fused(opts.head_fusion)
+            if k == 0:
+                return R.rollout_row(self.attention, query, opts, p, raw=(layers[start:], sums[start:]))
+        return R.ranked_rollout_row(layers[start:], self.link_ranks(opts.head_fusion)[start:], k, query,
+                                    opts.residual)
 
     def attention_distance(self) -> np.ndarray:
         """(L, H) mean attention distance: kept from capture, else computed from ``attention``."""

@@ -557,6 +557,33 @@ def test_ranked_discard_equals_selection_and_a_stable_sort(num_prefix):
                         np.testing.assert_array_equal(ranked, plain)
 
 
+@pytest.mark.parametrize("T, num_prefix", [(61, 1), (1030, 5)], ids=["one-thread", "two-threads"])
+def test_ranked_rollout_row_equals_discarding_then_multiplying(T, num_prefix):
+    """ranked_rollout_row (mask, sum and multiply a block of rows at a time, nothing written;
+    from 1024 tokens rows on two threads) gives the row the fused, discarded and renormalised
+    layers give (selection in every row, no ranks), for every fusion, ratio, start layer and
+    query, including queries among the prefix tokens and the last row."""
+    from explorer.analysis.rollout import fused_sums, link_ranks, ranked_rollout_row
+
+    att = random_attention(L=3, H=2, T=T, seed=T)
+    for fusion in ("mean", "max", "min"):
+        layers, _ = fused_sums(att, RolloutOptions(head_fusion=fusion), num_prefix)
+        ranks = link_ranks(att, fusion, num_prefix)
+        for ratio in (0.2, 0.9):
+            k = int((T - num_prefix) * ratio)
+            for start in (0, 2):
+                opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start)
+                for q in (0, num_prefix, T - 1):
+                    want = rollout_row(att, q, opts, num_prefix)
+                    got = ranked_rollout_row(layers[start:], ranks[start:], k, q, opts.residual)
+                    assert got.dtype == np.float32 and got.shape == (T,)
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)  # float32 sums of 1030
+    with pytest.raises(ValueError):
+        ranked_rollout_row(layers, ranks[1:], 1, 0)
+    with pytest.raises(ValueError):
+        ranked_rollout_row(layers, ranks, 0, 0)
+
+
 def test_fused_max_and_min_of_float16_equal_the_float_reduction():
     """Max and min fusion of float16 attention go through the int16 view of the bits; with a
     negative weight anywhere in a layer they fall back to the float path. Both equal numpy's."""

@@ -575,6 +575,28 @@ def test_explanation_ranks_links_once_per_fusion(vit_model, image, monkeypatch):
     assert sum(k[0] == "ranks" for k in e.cache) == 2 and sum(k[0] == "fused" for k in e.cache) == 2
 
 
+def test_discard_ratios_write_no_layers_and_keep_the_fusions(vit_model, image):
+    """Moving the discard slider reads the head means (or a kept fusion) and the links' ranks and
+    writes no fused layers: the fusions kept for max and min survive any number of ratios, and
+    every row still equals the full matrix chain's."""
+    from explorer.analysis import RolloutOptions, rollout_matrix
+
+    e = explorer.explain(vit_model, image)
+    q, p = e.layout.default_query(), e.layout.num_prefix
+    for fusion in ("max", "min"):
+        e.rollout_row(q, RolloutOptions(head_fusion=fusion))
+    kept = {f: e.cache[("fused", f)] for f in ("max", "min")}
+    for ratio in (0.1, 0.5, 0.9, 0.3):
+        for fusion in ("mean", "max", "min"):
+            for start in range(e.num_layers):
+                o = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start)
+                np.testing.assert_allclose(e.rollout_row(q, o), rollout_matrix(e.attention, o, p)[q],
+                                           rtol=1e-5, atol=1e-8)
+    assert not any(key[0] == "fused" and key[1] == "mean" for key in e.cache)  # the head means serve
+    assert all(e.cache[("fused", f)] is kept[f] for f in ("max", "min"))
+    assert {key for key in e.cache if key[0] == "ranks"} == {("ranks", "max"), ("ranks", "min")}
+
+
 def test_explanation_cache_keeps_what_was_used_last_and_survives_threads(vit_model, image, monkeypatch):
     """The cache evicts the setting used longest ago (not the one made first), and events of one
     session running at once on four threads neither fail nor grow it past two per kind."""
@@ -588,7 +610,7 @@ def test_explanation_cache_keeps_what_was_used_last_and_survives_threads(vit_mod
     real = rollout.link_ranks
     monkeypatch.setattr(rollout, "link_ranks", lambda a, fusion, *args, **kw: built.append(fusion) or real(a, fusion, *args, **kw))
     for fusion in ("mean", "max", "mean", "min", "mean"):
-        e.fused(RolloutOptions(head_fusion=fusion, discard_ratio=0.5))
+        e.rollout_row(e.layout.default_query(), RolloutOptions(head_fusion=fusion, discard_ratio=0.5))
     assert built == ["mean", "max", "min"]  # mean was used after max: max went first
     q = e.layout.default_query()
     settings = [RolloutOptions(head_fusion=f, discard_ratio=d, start_layer=s)

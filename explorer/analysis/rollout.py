@@ -354,19 +354,101 @@ def _chain(m: np.ndarray, sums: np.ndarray | None, query: int, r: float) -> np.n
     """:func:`rollout_row` from unnormalised layers ``M_l`` (head means, or :func:`fused_sums`):
     ``v ← (1 - r)·w·M_l + r·w`` with ``w = v / s_l`` and ``s_l = (1 - r)·M_l·1 + r`` (the rows
     of ``Â`` renormalised, as :func:`fused_layers` does), from the top layer down. ``sums``: the
-    ``s_l`` when known, else one more matrix–vector product per layer."""
+    ``s_l`` when known, else one more matrix–vector product per layer. The top layer, where ``v``
+    is the query's unit vector, reads only the query's row."""
     import torch
 
     mt = torch.from_numpy(m)
-    v = torch.zeros(mt.shape[-1], dtype=torch.float32)
-    v[query] = 1.0
     with torch.inference_mode():
+        top = mt[-1, query]
+        s_q = float(sums[-1, query]) if sums is not None else (1 - r) * float(top.sum()) + r
+        w_q = torch.tensor(1.0, dtype=torch.float32) / s_q
+        v = (1 - r) * w_q * top
+        v[query] += r * w_q
         ones = torch.ones(mt.shape[-1], dtype=torch.float32)
-        for layer in range(mt.shape[0] - 1, -1, -1):
+        for layer in range(mt.shape[0] - 2, -1, -1):
             s = torch.from_numpy(sums[layer]) if sums is not None else (1 - r) * torch.mv(mt[layer], ones) + r
             w = v / s
             v = (1 - r) * torch.mv(mt[layer].T, w) + r * w
     return v.numpy()
+
+
+#: rows of a layer that :func:`ranked_rollout_row` masks, sums and multiplies together (1.4 MB of
+#: float32 at 1370 tokens: they stay in the CPU cache between the three)
+_RANKED_ROWS = 256
+
+
+def ranked_rollout_row(fused: np.ndarray, ranks: np.ndarray, k: int, query: int,
+                       residual: float = 0.5) -> np.ndarray:
+    """Row ``query`` of the rollout with the ``k`` weakest links of every row discarded, straight
+    from the head-fused layers and their :func:`link_ranks`: the discarded layers are never
+    written. (T,) float32.
+
+    Args:
+        fused: ``(L', T, T)`` float32, the layers from the start layer up, heads fused (the head
+            means, or :func:`fused_sums` without a discard ratio), nothing discarded or divided.
+        ranks: ``(L', T, T)``, :func:`link_ranks` of the same layers.
+        k: links dropped from every row (``rank < k``), at least 1.
+
+    Each layer, from the top down, is read a block of rows at a time: the block is masked
+    (``rank >= k``), summed and multiplied by the vector while it is in the CPU cache, and blocks
+    where the vector is zero are skipped (the top layer costs one block). Rows are split over two
+    threads from 1024 tokens (numpy releases the GIL). The arithmetic of :func:`fused_layers` and
+    :func:`rollout_row`; at 1370 tokens 18 ms, where discarding into a new (L, T, T) array and
+    then multiplying took 32 ms and wrote 86 MB.
+    """
+    L, T = fused.shape[0], fused.shape[-1]
+    if ranks.shape != fused.shape:
+        raise ValueError(f"ranks of shape {ranks.shape} do not fit fused layers of shape {fused.shape}")
+    if k < 1:
+        raise ValueError(f"ranked_rollout_row discards at least one link per row, not {k}")
+    r = np.float32(residual)
+    halves = 2 if T >= 1024 else 1
+    cuts = [j * T // halves for j in range(halves + 1)]
+    rows = min(_RANKED_ROWS, T)
+    scratch = [(np.empty((rows, T), dtype=bool), np.empty((rows, T), dtype=np.float32),
+                np.empty(rows, dtype=np.float32)) for _ in range(halves)]
+    w = np.empty(T, dtype=np.float32)
+
+    def part(j: int, layer: int, v: np.ndarray) -> np.ndarray:
+        """Σ over rows q in this thread's share of ``w_q·M_q``, filling ``w`` for those rows."""
+        keep, m, s = scratch[j]
+        out = np.zeros(T, dtype=np.float32)
+        for r0 in range(cuts[j], cuts[j + 1], rows):
+            r1 = min(cuts[j + 1], r0 + rows)
+            if not v[r0:r1].any():
+                w[r0:r1] = 0.0
+                continue
+            kb, mb, sb = keep[:r1 - r0], m[:r1 - r0], s[:r1 - r0]
+            np.greater_equal(ranks[layer, r0:r1], k, out=kb)
+            np.multiply(fused[layer, r0:r1], kb, out=mb)  # M: the block with its weakest links gone
+            np.sum(mb, axis=-1, out=sb)
+            sb *= 1 - r
+            sb += r  # s_q = (1 - r)·Σ M_q + r, row q's divisor once r·e_q is mixed in
+            np.divide(v[r0:r1], sb, out=w[r0:r1])
+            out += w[r0:r1] @ mb
+        return out
+
+    v = np.zeros(T, dtype=np.float32)
+    v[query] = 1.0
+    pool = None
+    try:
+        if halves > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            pool = ThreadPoolExecutor(halves, thread_name_prefix="rollout")
+        for layer in range(L - 1, -1, -1):  # top layer first: v ← (1 - r)·w·M + r·w, w = v / s
+            parts = (list(pool.map(lambda j: part(j, layer, v), range(halves))) if pool is not None
+                     else [part(0, layer, v)])
+            nxt = parts[0]
+            for p in parts[1:]:
+                nxt += p
+            nxt *= 1 - r
+            nxt += r * w
+            v = nxt
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return v
 
 
 def _mean_row(attention: np.ndarray, query: int, opts: RolloutOptions) -> np.ndarray:
