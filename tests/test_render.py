@@ -214,12 +214,48 @@ def test_unvalidated_figures_equal_validated_ones(monkeypatch, name):
 
     from explorer.render import figures as F
 
+    import plotly.io as pio
+
     monkeypatch.setattr(F, "VALIDATE", True)
-    checked = json.loads(_figure_cases()[name]().to_json())  # the same random data each time
+    checked = json.loads(pio.to_json(_figure_cases()[name]()))  # the same random data each time
     monkeypatch.setattr(F, "VALIDATE", False)
-    fast = json.loads(_figure_cases()[name]().to_json())
+    fast = json.loads(pio.to_json(_figure_cases()[name]()))
     assert fast == checked
     assert not any(isinstance(trace.get("colorscale"), str) for trace in fast["data"])  # resolved
+
+
+@pytest.mark.parametrize("name", sorted(_figure_cases()))
+def test_figure_json_parses_to_plotlys_and_stays_safe_in_html(name):
+    """Figure.to_json (what Gradio's Plot sends) parses to exactly what Plotly's own writer gives,
+    escapes what could end an HTML script, leaves the figure's arrays as they were, and is what
+    the app's Plot component sends."""
+    import json
+
+    import plotly.io as pio
+
+    fig = _figure_cases()[name]()
+    arrays = {i: {k: v.copy() for k, v in t.items() if isinstance(v, np.ndarray)} for i, t in enumerate(fig._data)}
+    ours = fig.to_json()
+    assert json.loads(ours) == json.loads(pio.to_json(fig))
+    assert not any(c in ours for c in "<>\u2028\u2029")
+    for i, kept in arrays.items():
+        for k, v in kept.items():
+            assert isinstance(fig._data[i][k], np.ndarray)
+            np.testing.assert_array_equal(fig._data[i][k], v)
+    import gradio as gr
+    assert gr.Plot().postprocess(fig).plot == ours
+
+
+def test_figure_json_escapes_a_script_end_in_a_label():
+    import json
+
+    from explorer.render import figures as F
+
+    fig = F.layer_head_grid(np.ones((1, 2, 2, 2), np.float32), title="</script><b>", layer_label="\u2028",
+                            head_label="h", value_label="w")
+    out = fig.to_json()
+    assert "</script>" not in out and "\u2028" not in out and "\\u003c/script\\u003e" in out
+    assert json.loads(out)["layout"]["title"]["text"] == "</script><b>"
 
 
 def test_marks_drawn_in_place_equal_the_copies():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Sequence
 
 import numpy as np
@@ -41,7 +42,90 @@ def _figure(data: list[dict], title: str, height: int, **layout) -> go.Figure:
     if not VALIDATE:
         data = [{**d, "colorscale": _colorscale(d["colorscale"])} if isinstance(d.get("colorscale"), str) else d
                 for d in data]
-    return go.Figure(data=data, layout={**_base(title, height), **layout}, _validate=VALIDATE)
+    return Figure(data=data, layout={**_base(title, height), **layout}, _validate=VALIDATE)
+
+
+class Figure(go.Figure):
+    """A ``go.Figure`` whose :meth:`to_json`, what Gradio's ``Plot`` sends to the browser, skips
+    what Plotly's own writer spends on things that buy nothing here (the layer × head grid of a
+    1370-token model, sent on every click: 16 ms → 5 ms, 3 of them base64):
+
+    * the deep copy of the whole figure, arrays included, before its arrays are base64-encoded:
+      here only dicts and lists are copied on the way, and each array is encoded by Plotly's own
+      ``to_typed_array_spec`` where Plotly's ``convert_to_base64`` would encode it;
+    * scanning the whole JSON, base64 included, for characters to escape: ``<``, ``>``, U+2028
+      and U+2029 are escaped in the JSON around the arrays, then the base64 (which has none of
+      them) is put in;
+    * escaping ``/`` as ``\\u002f``: 53,000 times in the grid's base64, 16 % more bytes. ``<``
+      escaped is what keeps the JSON safe inside an HTML script; a ``/`` alone cannot end one.
+
+    The JSON parses to exactly what Plotly's ``to_json`` gives (a test checks every figure).
+    """
+
+    def to_json(self, *args, **kwargs) -> str:
+        if args or kwargs or self._frame_objs:
+            return super().to_json(*args, **kwargs)
+        try:
+            import orjson
+        except ImportError:  # pragma: no cover - Gradio depends on orjson
+            return super().to_json()
+        blobs: list[bytes] = []
+        fig = {"data": [_encoded(t, blobs) for t in self._data], "layout": _encoded(self._layout, blobs)}
+        for trace in fig["data"]:
+            trace.pop("uid", None)  # as plotly.io.to_json(remove_uids=True)
+        try:
+            out = orjson.dumps(fig, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # something orjson cannot write: Plotly's own path cleans it first
+            return super().to_json()
+        for unsafe, safe in _ESCAPES:  # UTF-8 never has these bytes inside another character
+            out = out.replace(unsafe, safe)
+        if blobs:
+            parts = _BLOB.split(out)  # text, index, text, index, ..., text
+            if len(parts) != 2 * len(blobs) + 1 or parts[1::2] != [b"%d" % i for i in range(len(blobs))]:
+                return super().to_json()  # a string of the figure looked like a placeholder
+            parts[1::2] = blobs
+            out = b"".join(parts)
+        return out.decode("utf8")
+
+
+#: what plotly.io's JSON writer escapes, except ``/``, as UTF-8
+_ESCAPES = ((b"<", b"\\u003c"), (b">", b"\\u003e"), ("\u2028".encode(), b"\\u2028"),
+            ("\u2029".encode(), b"\\u2029"))
+#: where :func:`_encoded` left an array's base64 out: its index between two U+0001, as orjson escapes them
+_BLOB = re.compile(rb"\\u0001(\d+)\\u0001")
+
+
+def _encoded(obj, blobs: list[bytes]):
+    """A figure's property tree as Plotly's ``to_dict`` leaves it for JSON: dicts and lists
+    copied, every array that is a dict's value (outside the keys Plotly skips) replaced by its
+    typed-array spec, strings, numbers and arrays inside lists left as they are (Plotly's own
+    ``convert_to_base64`` rules, without visiting every string of a list of category names).
+    Each spec's base64 goes to ``blobs``, a placeholder in its place."""
+    from _plotly_utils.utils import is_homogeneous_array, is_skipped_key, to_typed_array_spec
+
+    def array(v):
+        spec = to_typed_array_spec(v)
+        if isinstance(spec, dict) and isinstance(spec.get("bdata"), str):
+            blobs.append(spec["bdata"].encode("ascii"))
+            spec["bdata"] = f"\x01{len(blobs) - 1}\x01"
+        return spec
+
+    def walk(o):
+        if isinstance(o, dict):
+            return {k: v if is_skipped_key(k) or type(v) in _LEAVES
+                    else array(v) if is_homogeneous_array(v) else walk(v)
+                    for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            if all(type(v) in _LEAVES for v in o):
+                return list(o)
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj)
+
+
+#: leaves convert_to_base64 would look at and leave alone
+_LEAVES = frozenset((str, int, float, bool, type(None)))
 
 
 @functools.lru_cache(maxsize=None)
