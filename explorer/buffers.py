@@ -70,8 +70,8 @@ class BufferPool:
 
 #: one capture's attention, head means and (TNT) inner attention
 BUFFERS = BufferPool(keep=3)
-#: rollout's fused layers: an Explanation caches two settings, and a third is computed when the
-#: older one has gone
+#: rollout's fused layers: an Explanation caches two head fusions (max and min; mean fusion reads
+#: the head means kept at capture), and a third is computed when the older one has gone
 FUSED = BufferPool(keep=2)
 #: overlays at a photo's own size (36 MB for 12 MP, where fresh pages cost 6-9 ms of a 21-ms
 #: overlay): the views of one image make two, and the app's display-size overlay lives beside

@@ -158,7 +158,8 @@ def link_ranks(attention: np.ndarray, fusion: str, num_prefix: int,
 
     Discarding the k weakest links of every row is then ``rank >= k``, one pass over the layers
     for any ratio, where :func:`discard_weakest` selects in every row again (DINOv2-S at 1370
-    tokens, fused layers with a discard ratio: 105 ms by selection, 47 ms from the ranks). Built
+    tokens, fused layers with a discard ratio: 105 ms by selection, 47 ms from the ranks), and
+    :func:`ranked_rollout_row` applies it on the way without writing any layer (18 ms). Built
     once per head fusion by sorting every row on ``(value bits, index)`` keys (numpy's sort, rows
     on two threads): 0.3-0.5 s and 45 MB at 1370 tokens, 10 ms at 197.
     """
