@@ -79,21 +79,21 @@ class Explanation:
     head_mean: np.ndarray | None = None
     #: (L, H) mean attention distance in input pixels, computed at capture from float32 attention
     distance: np.ndarray | None = None
-    #: derived arrays kept for repeated views (fused rollout layers per setting); never part of
-    #: the results, cleared freely
+    #: derived arrays kept for repeated views (rollout's layers per head fusion, the links' ranks,
+    #: row sums); never part of the results, cleared freely
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def fused(self, fusion: str) -> tuple[np.ndarray, np.ndarray]:
         """Every layer's attention fused over heads by ``fusion`` ("mean", "max", "min"), nothing
-        discarded or divided, with the row sums rollout divides by
-        (:func:`explorer.analysis.rollout.fused_sums`): kept for the last two fusions used, so a
-        click costs L vector–matrix products and a new discard ratio or start layer reads them
-        again instead of fusing again. Mean fusion with the head means kept at capture needs
-        none of this."""
-        from .analysis.rollout import RolloutOptions, fused_sums
+        discarded or divided, with each row's sum ``F·1`` (for any residual ``r`` rollout divides
+        row q by ``(1 - r)·F_q·1 + r``): kept for the last two fusions used, so a click costs L
+        vector–matrix products and a new discard ratio or start layer reads them again instead of
+        fusing again. Mean fusion with the head means kept at capture needs none of this."""
+        from .analysis.rollout import RolloutOptions, _check_fusion, fused_sums
 
-        return self._cached(("fused", fusion), lambda: fused_sums(
-            self.attention, RolloutOptions(head_fusion=fusion), self.layout.num_prefix,
+        _check_fusion(fusion)  # before the cache makes room for it
+        return self._cached(("fused", fusion), lambda: fused_sums(  # residual 0: the sums are F·1
+            self.attention, RolloutOptions(head_fusion=fusion, residual=0.0), self.layout.num_prefix,
             head_mean=self.head_mean, nonnegative=self.nonnegative()))
 
     def link_ranks(self, fusion: str) -> np.ndarray:
@@ -146,18 +146,16 @@ class Explanation:
         R._check(self.attention, opts, query)
         T, p = self.attention.shape[-1], self.layout.num_prefix
         k = int((T - p) * opts.discard_ratio) if opts.discard_ratio > 0 else 0
-        start = opts.start_layer
+        start, r = opts.start_layer, np.float32(opts.residual)
         if opts.head_fusion == "mean" and self.head_mean is not None:
-            if k == 0:  # divided by the head means' row sums, kept: one product per layer
-                sums = self._cached(("row_sums", "mean"), lambda: torch.from_numpy(self.head_mean).sum(-1).numpy())
-                r = np.float32(opts.residual)
-                return R._chain(self.head_mean[start:], (1 - r) * sums[start:] + r, query, opts.residual)
             layers = self.head_mean
+            if k == 0:  # divided by the head means' row sums, kept: one product per layer
+                sums = self._cached(("row_sums", "mean"), lambda: torch.from_numpy(layers).sum(-1).numpy())
         else:
             R._check_fusion(opts.head_fusion)
             layers, sums = self.fused(opts.head_fusion)
-            if k == 0:
-                return R.rollout_row(self.attention, query, opts, p, raw=(layers[start:], sums[start:]))
+        if k == 0:
+            return R._chain(layers[start:], (1 - r) * sums[start:] + r, query, opts.residual)
         return R.ranked_rollout_row(layers[start:], self.link_ranks(opts.head_fusion)[start:], k, query,
                                     opts.residual)
 

@@ -571,8 +571,8 @@ def test_ranked_rollout_row_equals_discarding_then_multiplying(T, num_prefix):
         ranks = link_ranks(att, fusion, num_prefix)
         for ratio in (0.2, 0.9):
             k = int((T - num_prefix) * ratio)
-            for start in (0, 2):
-                opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start)
+            for start, residual in ((0, 0.5), (2, 0.5), (1, 0.2)):
+                opts = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start, residual=residual)
                 for q in (0, num_prefix, T - 1):
                     want = rollout_row(att, q, opts, num_prefix)
                     got = ranked_rollout_row(layers[start:], ranks[start:], k, q, opts.residual)

@@ -11,7 +11,7 @@ import torch
 import explorer
 from explorer import capture as capture_mod
 from explorer import families
-from explorer.errors import CaptureError, ImageError
+from explorer.errors import CaptureError, ImageError, InputError
 from explorer.images import decode, prepare
 
 from conftest import FAMILIES, build, random_image
@@ -575,26 +575,35 @@ def test_explanation_ranks_links_once_per_fusion(vit_model, image, monkeypatch):
     assert sum(k[0] == "ranks" for k in e.cache) == 2 and sum(k[0] == "fused" for k in e.cache) == 2
 
 
-def test_discard_ratios_write_no_layers_and_keep_the_fusions(vit_model, image):
+def test_discard_ratios_write_no_layers_and_keep_the_fusions(vit_model, image, monkeypatch):
     """Moving the discard slider reads the head means (or a kept fusion) and the links' ranks and
-    writes no fused layers: the fusions kept for max and min survive any number of ratios, and
-    every row still equals the full matrix chain's."""
-    from explorer.analysis import RolloutOptions, rollout_matrix
+    fuses or writes no layers: the fusions kept for max and min survive any number of ratios, and
+    every row, for any residual weight, still equals the full matrix chain's."""
+    from explorer.analysis import RolloutOptions, rollout, rollout_matrix
 
     e = explorer.explain(vit_model, image)
     q, p = e.layout.default_query(), e.layout.num_prefix
     for fusion in ("max", "min"):
         e.rollout_row(q, RolloutOptions(head_fusion=fusion))
+        e.link_ranks(fusion)
+    e.link_ranks("mean")
     kept = {f: e.cache[("fused", f)] for f in ("max", "min")}
-    for ratio in (0.1, 0.5, 0.9, 0.3):
-        for fusion in ("mean", "max", "min"):
-            for start in range(e.num_layers):
-                o = RolloutOptions(head_fusion=fusion, discard_ratio=ratio, start_layer=start)
-                np.testing.assert_allclose(e.rollout_row(q, o), rollout_matrix(e.attention, o, p)[q],
-                                           rtol=1e-5, atol=1e-8)
+    settings = [RolloutOptions(head_fusion=f, discard_ratio=d, start_layer=s, residual=r)
+                for d in (0.0, 0.1, 0.5, 0.9, 0.3) for f in ("mean", "max", "min")
+                for s in range(e.num_layers) for r in (0.5, 0.2)]
+    want = [rollout_matrix(e.attention, o, p)[q] for o in settings]  # fuses: before counting
+    fusing = []
+    real = rollout._fuse
+    monkeypatch.setattr(rollout, "_fuse", lambda *a, **kw: fusing.append(a[1]) or real(*a, **kw))
+    for o, w in zip(settings, want):
+        np.testing.assert_allclose(e.rollout_row(q, o), w, rtol=1e-5, atol=1e-8)
+    assert fusing == []  # nothing fused again, nothing discarded into new layers
     assert not any(key[0] == "fused" and key[1] == "mean" for key in e.cache)  # the head means serve
     assert all(e.cache[("fused", f)] is kept[f] for f in ("max", "min"))
     assert {key for key in e.cache if key[0] == "ranks"} == {("ranks", "max"), ("ranks", "min")}
+    with pytest.raises(InputError):
+        e.fused("median")
+    assert all(e.cache[("fused", f)] is kept[f] for f in ("max", "min"))  # a bad name evicts nothing
 
 
 def test_explanation_cache_keeps_what_was_used_last_and_survives_threads(vit_model, image, monkeypatch):

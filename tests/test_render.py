@@ -258,6 +258,23 @@ def test_figure_json_escapes_a_script_end_in_a_label():
     assert json.loads(out)["layout"]["title"]["text"] == "</script><b>"
 
 
+def test_figure_json_falls_back_to_plotlys_writer_when_it_must():
+    """A label that looks like the writer's own placeholder for an array, and an array orjson
+    cannot write (objects), both go through Plotly's writer and still give its JSON."""
+    import json
+
+    import plotly.io as pio
+
+    from explorer.render import figures as F
+
+    odd = F.layer_head_grid(np.ones((1, 2, 2, 2), np.float32), title="\x010\x01 \\u00010\\u0001",
+                            layer_label="l", head_label="h", value_label="w")
+    objects = F._figure([dict(type="scatter", x=np.arange(2), y=np.array(["a", None], dtype=object))], "t", 300)
+    for fig in (odd, objects):
+        assert json.loads(fig.to_json()) == json.loads(pio.to_json(fig))
+    assert json.loads(odd.to_json())["layout"]["title"]["text"] == "\x010\x01 \\u00010\\u0001"
+
+
 def test_marks_drawn_in_place_equal_the_copies():
     """``copy=False`` draws on the overlay itself (no 12-MP copy) and gives the same pixels."""
     img = _image(90, 120, seed=4)

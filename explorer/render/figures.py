@@ -65,7 +65,7 @@ class Figure(go.Figure):
     def to_json(self, *args, **kwargs) -> str:
         if args or kwargs or self._frame_objs:
             return super().to_json(*args, **kwargs)
-        try:
+        try:  # orjson, as Plotly's writer itself uses when it is there (whatever its engine setting)
             import orjson
         except ImportError:  # pragma: no cover - Gradio depends on orjson
             return super().to_json()
