@@ -63,6 +63,12 @@ def wait_change(pg, get, before, timeout=90.0):
     raise AssertionError("the page did not update")
 
 
+def wait_text(pg, selector: str, text: str) -> None:
+    """Until the element's text contains ``text`` (the default timeout fails the test)."""
+    pg.wait_for_function("([sel, text]) => { const e = document.querySelector(sel); "
+                         "return e && e.innerText.includes(text); }", arg=[selector, text])
+
+
 def query_value(pg) -> str:
     return pg.locator("#query input").input_value()
 
@@ -119,15 +125,16 @@ def test_upload_click_tabs_and_chinese(page):
     wait_change(pg, lambda: overlay_src(pg), first)
     pg.wait_for_function("document.querySelector('#prediction') && "
                          "document.querySelector('#prediction').innerText.includes('%')")
-    assert "class token" in pg.locator("#caption").inner_text()
+    wait_text(pg, "#caption", "class token")
     # click the patch in row 2, col 5 of the 8x8 grid: the query moves there
     box = pg.locator("#overlay img").first.bounding_box()
     before = overlay_src(pg)
     pg.mouse.click(box["x"] + box["width"] * (5.5 / 8), box["y"] + box["height"] * (2.5 / 8))
     wait_change(pg, lambda: query_value(pg), "0")
     assert query_value(pg) == str(1 + 2 * 8 + 5)
-    assert "patch 21 (row 2, col 5)" in pg.locator("#caption").inner_text()
-    assert overlay_src(pg) != before
+    # the query box, caption and overlay arrive in one event but may be drawn one after another
+    wait_text(pg, "#caption", "patch 21 (row 2, col 5)")
+    wait_change(pg, lambda: overlay_src(pg), before)
     check_layer_head_hover_data(pg)
     pg.click("#reset")
     wait_change(pg, lambda: query_value(pg), str(1 + 2 * 8 + 5))
@@ -136,7 +143,7 @@ def test_upload_click_tabs_and_chinese(page):
     # switch to Chinese
     pg.get_by_text("中文", exact=True).click()
     pg.wait_for_function("document.body.innerText.includes('怎么看')")
-    assert "类别 token" in pg.locator("#caption").inner_text()
+    wait_text(pg, "#caption", "类别 token")
     shoot_all_tabs(pg, "zh-CN")
     pg.get_by_text("English", exact=True).click()
     pg.wait_for_function("document.body.innerText.includes('How to read this')")
@@ -147,5 +154,5 @@ def test_language_follows_the_browser(browser, app_url):  # noqa: F811
     pg.set_default_timeout(120_000)
     pg.goto(app_url)
     pg.wait_for_function("document.body.innerText.includes('怎么看')")
-    assert "ViT 注意力探索器" in pg.locator("#title").inner_text()
+    wait_text(pg, "#title", "ViT 注意力探索器")
     pg.close()
