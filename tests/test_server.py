@@ -249,3 +249,52 @@ def test_old_exports_are_pruned(tmp_path):
     assert prune_exports(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
     assert prune_exports(tmp_path / "missing") == 0
+
+
+def test_identical_images_of_two_sessions_are_never_rewritten_while_served(tmp_path):
+    """Gradio names a returned image by the hash of its bytes and writes it by truncating the
+    file: two sessions returning the same image emptied it under a download in progress (a
+    short read, and a traceback in the server). The app's replacement writes each file once, by
+    renaming: the same path as Gradio's own, a second identical save only renews its time, a
+    damaged file is replaced while a reader holding it still reads its old bytes, and a reader
+    racing 300 identical saves never sees a short file."""
+    import numpy as np
+    from gradio import processing_utils as pu
+    from PIL import Image
+
+    from explorer.app.server import atomic_image_cache
+
+    assert atomic_image_cache() and atomic_image_cache()  # idempotent
+    save, gradios = pu.save_pil_to_cache, pu.save_pil_to_cache.__wrapped__
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    path = Path(save(img, str(tmp_path / "ours"), "image", "jpeg"))
+    theirs = Path(gradios(img, str(tmp_path / "theirs"), "image", "jpeg"))
+    assert path.relative_to(tmp_path / "ours") == theirs.relative_to(tmp_path / "theirs")
+    assert path.read_bytes() == theirs.read_bytes()
+    full, before = path.read_bytes(), path.stat()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    assert save(img, str(tmp_path / "ours"), "image", "jpeg") == str(path)
+    after = path.stat()
+    assert after.st_ino == before.st_ino and path.read_bytes() == full  # not written again
+    assert after.st_mtime_ns > before.st_mtime_ns - 10**9  # but touched: delete_cache ages by time
+    path.write_bytes(full[:100])  # a damaged file (an interrupted write of old)
+    with open(path, "rb") as held:
+        save(img, str(tmp_path / "ours"), "image", "jpeg")
+        assert held.read() == full[:100]  # the reader's file was not rewritten under it
+    assert path.read_bytes() == full
+    assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary left
+    short, stop = [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            with open(path, "rb") as f:
+                if len(f.read()) != len(full):
+                    short.append(1)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(300):
+        save(img, str(tmp_path / "ours"), "image", "jpeg")
+    stop.set()
+    t.join()
+    assert not short

@@ -14,7 +14,7 @@ from . import handlers as H
 from . import tsne as TS
 from . import views
 from .i18n import error_text, pick_lang, t
-from .server import trim_memory
+from .server import atomic_image_cache, trim_memory
 from .ui import (DEFAULT_MODEL, SESSION_TTL_S, UI, create_attention_tab, create_distance_tab, create_header,
                  create_model_tab, create_patches_tab, create_posembed_tab, create_sidebar, create_tsne_tab)
 
@@ -57,6 +57,7 @@ def on_gpu(fn):
 
 
 def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
+    atomic_image_cache()  # identical images of several sessions are never rewritten while served
     ui = UI(default_model)
     with gr.Blocks(title="ViT Attention Explorer", delete_cache=(600, 3600)) as demo:
         state = gr.State(views.Session(), time_to_live=SESSION_TTL_S)
