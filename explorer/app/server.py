@@ -107,9 +107,9 @@ def trim_memory() -> None:
 
 
 def write_once(path: Path, data: bytes) -> None:
-    """Put ``data`` at ``path`` unless a file of that size is already there (then only its time is
-    renewed), and never by rewriting a file in place: the bytes go to a temporary name first and are renamed over it,
-    so a reader holding the old file keeps reading whole, identical bytes."""
+    """Put ``data`` at ``path`` unless a file of that size is already there (then only its time
+    is renewed), and never by rewriting a file in place: the bytes go to a temporary name first
+    and are renamed over it, so a reader holding the old file keeps reading whole bytes."""
     try:
         if path.stat().st_size == len(data):  # content-addressed: the same name in the same hash
             os.utime(path)  # folder is the same bytes; touched, as Gradio's delete_cache ages by time
