@@ -154,6 +154,17 @@ def test_controls_and_queries_answer_from_the_cache(client):
                    client.predict("en", "max", 0.5, 2, 0.7, False, 0, api_name="/attention")))
     assert "class token" in out["caption"]
     assert "Share of rollout" in out["caption"]  # the mask is known even when its outline is hidden
+    # its share, with max fusion, half the links discarded and the first two layers left out,
+    # recomputed from the full matrix chain (discarding by selection, not by the kept ranks)
+    from explorer.analysis import RolloutOptions, rollout_matrix
+    from explorer.app.views import object_patches
+    lay = exp.layout
+    full = rollout_matrix(exp.attention, RolloutOptions(head_fusion="max", discard_ratio=0.5, start_layer=2),
+                          lay.num_prefix)[lay.default_query()]
+    pmap = full[lay.num_prefix:].reshape(lay.grid)
+    mask = decode(path.with_name(path.stem + ".mask.png").read_bytes()).array[..., 0] > 127
+    obj = object_patches(mask, exp.box, lay)
+    assert int(re.search(r"\*\*(\d+)%\*\*", out["caption"]).group(1)) == round(100 * pmap[obj].sum() / pmap.sum())
     token = exp.layout.token_of_patch(3, 4)
     out = dict(zip(ATTN, client.predict(token, "en", "mean", 0.0, 0, 0.55, True, 0, api_name="/set_query")))
     assert out["query"] == token
