@@ -69,16 +69,17 @@ def write(folder: Path, name: str, data: bytes) -> str:
 
 # ----------------------------------------------------------------------------- raw queue client
 
-def _config(url: str) -> dict:
+def app_config(url: str) -> dict:
     with urllib.request.urlopen(url + "config", timeout=10) as r:
         return json.load(r)
 
 
 def raw_join(url: str, api_name: str, data: list, session: str | None = None,
-             timeout: float = 60.0) -> tuple[int, str, str]:
+             timeout: float = 60.0, config: dict | None = None) -> tuple[int, str, str]:
     """Join the queue directly with ``data`` (state inputs filled in with None).
-    Returns ``(http status, session hash, response body)``: 200 when queued, 503 when full."""
-    cfg = _config(url)
+    Returns ``(http status, session hash, response body)``: 200 when queued, 503 when full.
+    ``config``: the app's /config, fetched here when not given."""
+    cfg = config if config is not None else app_config(url)
     dep = next(d for d in cfg["dependencies"] if d.get("api_name") == api_name)
     types = {c["id"]: c["type"] for c in cfg["components"]}
     it = iter(data)

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlparse
 import pytest
 
 from _app import running_app
-from _hostile import CONTROLS, Sink, file_data, http_status, raw_call, raw_join, raw_wait, upload
+from _hostile import CONTROLS, Sink, app_config, file_data, http_status, raw_call, raw_join, raw_wait, upload
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -160,34 +160,46 @@ def test_launch_settings(monkeypatch):
 # ----------------------------------------------------------------------------- queue and users
 
 def test_a_full_queue_answers_busy_at_once_and_accepted_requests_complete(url):
-    """3 × the queue size at once: the excess is refused (503) within a second, the rest complete.
-    Joins are raw HTTP so that the time measured is the server's decision, not 12 uploads."""
+    """3 × the queue size at once: the excess is refused (503) while the accepted requests are
+    still waiting for the model, and every accepted one completes.
+
+    Refused at once means without waiting for a slot: every refusal comes back before the first
+    accepted request has its result (one explanation), which a queue that held refused requests
+    could not do. Ordered by the clock of this process rather than bounded in seconds, so a
+    loaded machine slows both sides alike. Joins are raw HTTP with bodies made beforehand, so
+    that what is timed is the server's decision, not uploads or fetching the app's config."""
     n = 3 * QUEUE
     server_path = upload(url, example("star"))
     image = file_data(path=server_path, name="star.png")
+    config = app_config(url)
     start = threading.Barrier(n)
 
     def one(_):
         start.wait()
-        t0 = time.perf_counter()
-        status, session, _ = raw_join(url, "explain", [image, "en", *CONTROLS, 8, 8])
-        answered = time.perf_counter() - t0
+        status, session, _ = raw_join(url, "explain", [image, "en", *CONTROLS, 8, 8], config=config)
+        answered = time.perf_counter()
         if status != 200:
-            return status, answered, None
+            return status, answered, None, None
         ev = raw_wait(url, session)
         labels = [d.get("label") for d in (ev.get("output") or {}).get("data", [])
                   if isinstance(d, dict) and "confidences" in d]
-        return status, answered, ev.get("success") and labels and labels[0]
+        return status, answered, time.perf_counter(), ev.get("success") and labels and labels[0]
 
+    t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(n) as ex:
         results = list(ex.map(one, range(n)))
     busy = [r for r in results if r[0] == 503]
     done = [r for r in results if r[0] == 200]
     assert len(busy) + len(done) == n, results
     assert busy, "nothing was refused: the queue is not bounded"
-    assert max(r[1] for r in busy) < 1.0, [round(r[1], 2) for r in busy]
-    assert len(done) >= QUEUE and all(r[2] for r in done), done  # every accepted request completed
-    assert len({r[2] for r in done}) == 1  # ... with the star's answer
+    assert len(done) >= QUEUE and all(r[3] for r in done), done  # every accepted request completed
+    assert len({r[3] for r in done}) == 1  # ... with the star's answer
+    refused = max(r[1] for r in busy) - t0
+    first_result = min(r[2] for r in done) - t0
+    assert refused < first_result, (f"the last refusal came {refused:.2f} s after the start, the first "
+                                    f"accepted result {first_result:.2f} s: refusals waited for the work")
+    print(f"joins refused within {refused:.3f} s; results from {first_result:.3f} s to "
+          f"{max(r[2] for r in done) - t0:.3f} s")
 
 
 def test_results_never_mix_between_concurrent_users(url):
