@@ -98,26 +98,33 @@ def test_bad_arguments_are_refused():
     assert bench.main(["--models", "resnet"]) == 2
 
 
-def test_ratio_pairs_rounds_of_one_interleaved_run():
+def test_ratio_pairs_rounds_of_one_interleaved_run(monkeypatch):
     """A ratio between variants timed in the same rounds is the median of per-round ratios: a
-    round in which the whole machine was slow cancels out. Otherwise it is a ratio of medians."""
+    round in which the whole machine was slow cancels out. Otherwise it is a ratio of medians.
+
+    Timed on a clock of the test's own (each call advances it by its cost; the second round runs
+    on a machine three times slower), so the figures are exact on a loaded machine too."""
+    import types
+
+    from explorer import bench_core
     from explorer.bench_core import Stats, Timer, ratio
 
-    import time
+    clock = {"now": 0.0, "calls": 0}
+    monkeypatch.setattr(bench_core, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
 
-    def busy(cost):
+    def costs(seconds):
         def f():
-            t = time.perf_counter()
-            while time.perf_counter() - t < cost:
-                pass
+            clock["calls"] += 1
+            slow = 3.0 if 2 < clock["calls"] <= 4 else 1.0  # round 2 (calls 3 and 4)
+            clock["now"] += seconds * slow
         return f
 
-    st, _ = Timer().interleave({"a": busy(0.002), "b": busy(0.001)}, repeats=3, warmup=0, memory=False)
+    st, _ = Timer().interleave({"a": costs(0.002), "b": costs(0.001)}, repeats=3, warmup=0, memory=False)
     a, b = st["a"], st["b"]
     assert a.rounds == b.rounds is not None
-    paired = sorted(x / y for x, y in zip(a.times, b.times))[1]
-    assert ratio(a, b) == pytest.approx(paired)
-    assert 1.5 < ratio(a, b) < 3.0
+    assert a.times == pytest.approx([0.002, 0.006, 0.002]) and b.times == pytest.approx([0.001, 0.003, 0.001])
+    assert ratio(a, b) == pytest.approx(2.0)  # every round's ratio is 2
+    assert ratio(Stats(a.times), Stats(b.times)) == pytest.approx(2.0)  # medians, unpaired: 2 ms / 1 ms
     # hand-made rounds: a machine three times slower in round 2 hits both sides
     a2, b2 = Stats([2.0, 6.0, 2.2], rounds=-1), Stats([1.0, 3.0, 1.0], rounds=-1)
     assert ratio(a2, b2) == pytest.approx(2.0)  # per round: 2.0, 2.0, 2.2
