@@ -186,8 +186,8 @@ def views_computed(exp: Explanation, photo: np.ndarray, parts: dict[str, list[fl
     lap("pos-embed")
     if exp.inner_attention is not None:
         out["inner"] = analysis.inner_map(exp.inner_attention, lay.num_patches // 2, exp.num_layers - 1)
-    out["overlay_rollout"] = overlay.overlay(photo, out["rollout"], box=exp.box)
-    out["overlay_layer"] = overlay.overlay(photo, out["maps"][-1].mean(0), box=exp.box)
+    out["overlay_rollout"], out["overlay_layer"] = overlay.overlays(
+        photo, [out["rollout"], out["maps"][-1].mean(0)], box=exp.box)
     lap("overlays")
     return out
 

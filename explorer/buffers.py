@@ -77,3 +77,6 @@ FUSED = BufferPool(keep=2)
 #: overlay): the views of one image make two, and the app's display-size overlay lives beside
 #: them (with two kept, each display overlay pushed a 36-MB buffer out: +20 ms for the next pair)
 OVERLAYS = BufferPool(keep=3)
+#: the heatmap values an overlay colours, one byte a pixel of the model's box (8 MB for a 12-MP
+#: photo): two overlays of one image are made together
+VALUES = BufferPool(keep=2)

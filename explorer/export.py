@@ -42,14 +42,16 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
         Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
 
-    files = {
-        "rollout.png": png(overlay.overlay(image, pmap, box=exp.box)),
-        "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
-                                              first_index=lay.num_prefix)),
-        "layers_heads.png": png(overlay.tile_maps(maps)),
-    }
-    for layer in range(exp.num_layers):
-        files[f"layer{layer:02d}.png"] = png(overlay.overlay(image, maps[layer].mean(0), box=exp.box))
+    files = {"rollout.png": b"",  # first in the folder and the zip
+             "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
+                                                   first_index=lay.num_prefix)),
+             "layers_heads.png": png(overlay.tile_maps(maps))}
+    named = [("rollout.png", pmap)] + [(f"layer{layer:02d}.png", maps[layer].mean(0))
+                                       for layer in range(exp.num_layers)]
+    for i in range(0, len(named), 2):  # two overlays a pass over the image; two photo-sized buffers
+        pair = named[i:i + 2]
+        for (name, _m), img in zip(pair, overlay.overlays(image, [m for _n, m in pair], box=exp.box)):
+            files[name] = png(img)
     buf = io.BytesIO()
     np.savez_compressed(buf, attention=exp.attention, tokens=exp.tokens, logits=exp.logits, rollout=row,
                         crop=exp.crop)

@@ -74,21 +74,39 @@ def test_overlay_with_box_dims_outside():
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_overlay_in_bands_and_threads_equals_one_pass(monkeypatch, workers):
     """Rows are blended a band at a time (and, on big images, bands on several threads): the
-    result is pixel for pixel the whole-image computation, whatever the band and thread split."""
-    import cv2
-
+    result is pixel for pixel the whole-image formula, whatever the band and thread split.
+    Inside the box a pixel is round(0.45 · pixel) + round(0.55 · colour), outside round(0.35 · pixel)."""
     img = _image(203, 171, seed=9)
     box = (20.4, 13.0, 151.6, 188.0)  # crosses band and thread boundaries on every side
     m = np.random.default_rng(5).random((6, 6))
     x0, y0, x1, y1 = 20, 13, 152, 188
-    ref = cv2.convertScaleAbs(img, alpha=0.35)
-    hm = ov.heatmap(m, (x1 - x0, y1 - y0))
-    ref[y0:y1, x0:x1] = cv2.addWeighted(img[y0:y1, x0:x1], 0.45, hm, 0.55, 0.0)
-    monkeypatch.setattr(ov, "_BAND_PIXELS", 171 * 7)  # 7 rows a band
+    f32 = img.astype(np.float32)
+    ref = np.rint(f32 * np.float32(0.35))
+    colour = ov.colormap_lut()[ov._scaled_values(m, (x1 - x0, y1 - y0), True)].astype(np.float64)
+    ref[y0:y1, x0:x1] = np.minimum(255, np.rint(f32[y0:y1, x0:x1] * np.float32(0.45)) + np.rint(colour * 0.55))
+    monkeypatch.setattr(ov, "_BAND_PIXELS", 132 * 7)  # 7 rows a band
     monkeypatch.setattr(ov, "_PARALLEL_PIXELS", 1 if workers > 1 else 10**9)
     monkeypatch.setattr(ov, "_workers", lambda pixels: workers)
     out = ov.overlay(img, m, box=box, alpha=0.55)
-    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(out, ref.astype(np.uint8))
+    hm = ov.heatmap(m, (x1 - x0, y1 - y0)).astype(float)  # and within 1 of the exact blend
+    assert np.abs(out[y0:y1, x0:x1] - (0.45 * img[y0:y1, x0:x1] + 0.55 * hm)).max() <= 1
+
+
+@pytest.mark.parametrize("box", [None, (20.4, 13.0, 151.6, 188.0), (0.0, 40.0, 171.0, 120.0)])
+def test_overlays_of_several_maps_equal_one_at_a_time(monkeypatch, box):
+    """Several maps over one image in one pass (the image's scaled and dimmed pixels shared):
+    each overlay is the one :func:`overlay` makes alone, and none shares memory with another."""
+    img = _image(203, 171, seed=3)
+    maps = [np.random.default_rng(s).random((6, 6)) for s in range(3)]
+    monkeypatch.setattr(ov, "_BAND_PIXELS", 171 * 5)
+    monkeypatch.setattr(ov, "_workers", lambda pixels: 2)
+    alone = [ov.overlay(img, m, box=box, alpha=0.4).copy() for m in maps]
+    together = ov.overlays(img, maps, box=box, alpha=0.4)
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+    assert not np.shares_memory(together[0], together[1]) and not np.shares_memory(together[1], together[2])
+    assert ov.overlays(img, [], box=box) == []
 
 def test_overlay_alpha_extremes():
     img = _image(40, 40)
@@ -148,13 +166,27 @@ def test_upscale_nearest():
     assert ov.upscale_nearest(_image(400, 500)).shape == (400, 500, 3)
 
 
-def test_tile_maps_shape_and_content():
-    maps = np.random.default_rng(0).random((2, 3, 4, 4))
-    out = ov.tile_maps(maps, size=20, pad=2)
-    assert out.shape == (2 * 22 + 2, 3 * 22 + 2, 3) and out.dtype == np.uint8
-    assert (out[0, :] == 255).all() and (out[:, 0] == 255).all()  # padding is white
-    y, x = 2 + 1 * 22, 2 + 2 * 22  # tile (1, 2)
-    np.testing.assert_array_equal(out[y:y + 20, x:x + 20], ov.heatmap(maps[1, 2], (20, 20), smooth=False))
+@pytest.mark.parametrize("shape,size,pad", [((2, 3, 4, 4), 20, 2), ((3, 2, 14, 14), 72, 2),
+                                            ((2, 2, 37, 30), 72, 3), ((1, 2, 9, 7), 13, 0)])
+def test_tile_maps_shape_and_content(shape, size, pad):
+    """Every tile is the heatmap of its own map drawn alone (nearest-neighbour, each normalised;
+    a constant map is all level 0), and the padding between tiles is white."""
+    maps = np.random.default_rng(0).random(shape)
+    maps[0, -1] = 0.25
+    out = ov.tile_maps(maps, size=size, pad=pad)
+    R, C = shape[:2]
+    step = size + pad
+    assert out.shape == (R * step + pad, C * step + pad, 3) and out.dtype == np.uint8
+    covered = np.zeros(out.shape[:2], bool)
+    for i in range(R):
+        for j in range(C):
+            y, x = pad + i * step, pad + j * step
+            np.testing.assert_array_equal(out[y:y + size, x:x + size],
+                                          ov.heatmap(maps[i, j], (size, size), smooth=False), err_msg=f"{i},{j}")
+            covered[y:y + size, x:x + size] = True
+    assert (out[~covered] == 255).all()  # padding is white
+    x = pad + (C - 1) * step  # the constant map's tile: level 0 everywhere
+    assert (out[pad:pad + size, x:x + size] == ov.colormap_lut()[0]).all()
 
 
 def test_figure_tile_with_nan_gaps():
@@ -307,3 +339,29 @@ def test_full_size_overlays_recycle_only_buffers_nobody_holds():
     assert third.__array_interface__["data"][0] == address  # the let-go buffer, no fresh pages
     assert any(np.shares_memory(third, kept) for kept in ov.OVERLAYS._arrays)
     np.testing.assert_array_equal(third, fresh[2])
+
+
+def test_export_writes_every_overlay_the_viewer_would_draw(vit_model):
+    """The exported files: the rollout and each layer's head-mean map as overlays over the whole
+    image (made two at a time), each the overlay drawn alone, in the order a folder lists them."""
+    import io
+
+    from PIL import Image
+
+    import explorer
+    from explorer import analysis, export
+
+    img = _image(70, 130, seed=6)
+    e = explorer.explain(vit_model, img)
+    opts = analysis.RolloutOptions()
+    q = e.layout.default_query()
+    files = export.artefacts(e, img, opts, q, "tiny")
+    names = list(files)
+    assert names[:3] == ["rollout.png", "patches.png", "layers_heads.png"]
+    assert names[3:3 + e.num_layers] == [f"layer{i:02d}.png" for i in range(e.num_layers)]
+    maps = analysis.query_maps(e.attention, q, e.layout)
+    expected = {"rollout.png": analysis.patch_map(e.rollout_row(q, opts), e.layout.num_prefix, e.layout.grid)}
+    expected.update({f"layer{i:02d}.png": maps[i].mean(0) for i in range(e.num_layers)})
+    for name, m in expected.items():
+        got = np.asarray(Image.open(io.BytesIO(files[name])))
+        np.testing.assert_array_equal(got, ov.overlay(img, m, box=e.box), err_msg=name)
