@@ -42,16 +42,17 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
         Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
 
-    files = {"rollout.png": b"",  # first in the folder and the zip
-             "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
-                                                   first_index=lay.num_prefix)),
-             "layers_heads.png": png(overlay.tile_maps(maps))}
     named = [("rollout.png", pmap)] + [(f"layer{layer:02d}.png", maps[layer].mean(0))
                                        for layer in range(exp.num_layers)]
+    drawn: dict[str, bytes] = {}
     for i in range(0, len(named), 2):  # two overlays a pass over the image; two photo-sized buffers
         pair = named[i:i + 2]
         for (name, _m), img in zip(pair, overlay.overlays(image, [m for _n, m in pair], box=exp.box)):
-            files[name] = png(img)
+            drawn[name] = png(img)
+    files = {"rollout.png": drawn.pop("rollout.png"),
+             "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
+                                                   first_index=lay.num_prefix)),
+             "layers_heads.png": png(overlay.tile_maps(maps)), **drawn}
     buf = io.BytesIO()
     np.savez_compressed(buf, attention=exp.attention, tokens=exp.tokens, logits=exp.logits, rollout=row,
                         crop=exp.crop)

@@ -30,6 +30,10 @@ def test_colormap_lut_is_rgb():
 def test_normalise():
     np.testing.assert_allclose(ov.normalise(np.array([[2.0, 4.0], [6.0, 10.0]])), [[0, 0.25], [0.5, 1]])
     assert not ov.normalise(np.full((3, 3), 7.0)).any()
+    stack = np.stack([np.array([[2.0, 4.0], [6.0, 10.0]]), np.full((2, 2), 7.0), -np.arange(4.0).reshape(2, 2)])
+    each = ov.normalise(stack, axis=(1, 2))  # a stack of maps: each on its own
+    np.testing.assert_array_equal(each, np.stack([ov.normalise(m) for m in stack]))
+    np.testing.assert_allclose(each[2], [[1, 2 / 3], [1 / 3, 0]], rtol=1e-6)
 
 
 def test_heatmap_orientation_and_size():
