@@ -117,6 +117,9 @@ def test_overlay_alpha_extremes():
     m = np.random.default_rng(3).random((2, 2))
     np.testing.assert_array_equal(ov.overlay(img, m, alpha=0.0), img)
     np.testing.assert_array_equal(ov.overlay(img, m, alpha=1.0), ov.heatmap(m, (40, 40)))
+    # an opacity outside 0..1 is held to it (1 - alpha would otherwise scale the image by a negative)
+    np.testing.assert_array_equal(ov.overlay(img, m, alpha=1.7), ov.heatmap(m, (40, 40)))
+    np.testing.assert_array_equal(ov.overlay(img, m, alpha=-0.2), img)
 
 
 def test_overlay_with_explanation_box(vit_model):
