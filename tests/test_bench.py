@@ -16,7 +16,7 @@ from explorer import bench
 #: hightok = the 1370-token role, tnt = TNT). Cold-start rows are skipped under --quick.
 TARGETS = [
     "explain.b1[vit]", "explain.b1[hightok]", "explain.b1[tnt]",
-    "explain.batch[vit]", "explain.batch[tnt]",
+    "explain.batch[vit]", "explain.batch[hightok]", "explain.batch[tnt]",
     "compare.hooks[vit]", "compare.hooks[hightok]", "compare.hooks[tnt]",
     "compare.attention_extract[vit]", "compare.attention_extract[hightok]", "compare.attention_extract[tnt]",
     "views.computed[vit]", "views.computed[hightok]", "views.computed[tnt]",
@@ -130,3 +130,20 @@ def test_ratio_pairs_rounds_of_one_interleaved_run(monkeypatch):
     assert ratio(a2, b2) == pytest.approx(2.0)  # per round: 2.0, 2.0, 2.2
     assert ratio(Stats(a2.times), Stats(b2.times)) == pytest.approx(2.2 / 1.0)  # not paired: medians
     assert ratio(Stats([2.0, 6.0, 2.2], rounds=1), Stats([1.0, 3.0, 1.0], rounds=2)) == pytest.approx(2.2)
+
+
+def test_batch_row_is_skipped_with_a_reason_when_memory_is_short(monkeypatch):
+    """A batch of 32 DINOv2-S images at 1370 tokens keeps 8.6 GB of float16 attention alone: on a
+    machine without the memory the row says what it needs instead of running out of memory."""
+    from types import SimpleNamespace
+
+    from explorer import bench_cases
+
+    loaded = SimpleNamespace(facts=SimpleNamespace(layers=12, heads=6, tokens=1370, width=384), name="dinov2")
+    attention = 32 * 12 * 6 * 1370 ** 2 * 2  # float16: above the float32 budget
+    need = bench_cases._batch_bytes(loaded, 32)
+    assert attention + 32 * 12 * 1370 ** 2 * 4 < need < 2 * attention
+    monkeypatch.setattr(bench_cases, "_available_bytes", lambda: 4 * 2**30)
+    row = bench_cases._explain_batch(SimpleNamespace(batch=32), loaded, "hightok", timer=None)
+    assert row.id == "explain.batch[hightok]" and row.status == "skipped" and row.is_target
+    assert f"needs about {need / 2**30:.1f} GB, 4.0 GB available" == row.note
