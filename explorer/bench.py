@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds, for tests)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 7, quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 7, quick 3; three times that for the explain case on models under 1000 tokens)")
     p.add_argument("--cases", default=None, help=f"comma-separated subset of {','.join(ALL_CASES)}")
     p.add_argument("--models", default=None, help="comma-separated subset of vit,hightok,tnt")
     p.add_argument("--images", type=int, default=None, help="images to embed (default 1000, quick 50)")
