@@ -19,8 +19,9 @@ does not depend on them). ``--quick`` uses 2-block models at 64–126 px, few re
 skips the cold-start cases unless ``--cold-start``. Prints a table of medians [min–max], ratios
 (median of per-round ratios between interleaved variants) and PASS/FAIL per target; exits
 non-zero only with ``--strict`` when a target is missed.
-The full run takes ~20 minutes on 2 CPU cores, a third of it embedding 1,000 images with ViT-B
-(``--images`` shortens that).
+The full run takes ~25 minutes on 2 CPU cores: a third of it embeds 1,000 images with ViT-B
+(``--images`` shortens that), 4 minutes explain DINOv2's batch of 32 (14 GB at its peak; skipped,
+saying why, when the memory is not there).
 """
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def _meta(a: argparse.Namespace, cfg, timer: Timer, models, load0, seconds: floa
 def _header(meta: dict, case_info: dict) -> str:
     lines = [f"ViT Attention Explorer benchmark{' (quick)' if meta['quick'] else ''}: {meta['device']}, "
              f"torch {meta['torch']}, {meta['threads']} threads on {meta['cpus']} CPUs, repeats {meta['repeats']} "
-             f"(heavy {meta['heavy_repeats']}), load average {meta['loadavg_start']} → {meta['loadavg_end']}, "
+             f"(heavy {meta['heavy_repeats']}; explain ×3 under 1000 tokens), load average {meta['loadavg_start']} → {meta['loadavg_end']}, "
              f"{meta['seconds']:.0f} s"]
     for key, m in meta["models"].items():
         extra = f", {m['tokens']} tokens, {m['params'] / 1e6:.1f}M params" if "tokens" in m else ""
