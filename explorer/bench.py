@@ -57,7 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (seconds, for tests)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 7, quick 3; three times that for the explain case on models under 1000 tokens)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per variant (default 7, quick 3; three times that for the explain case on "
+                        "models under 1000 tokens)")
     p.add_argument("--cases", default=None, help=f"comma-separated subset of {','.join(ALL_CASES)}")
     p.add_argument("--models", default=None, help="comma-separated subset of vit,hightok,tnt")
     p.add_argument("--images", type=int, default=None, help="images to embed (default 1000, quick 50)")
@@ -176,7 +178,8 @@ def _meta(a: argparse.Namespace, cfg, timer: Timer, models, load0, seconds: floa
 def _header(meta: dict, case_info: dict) -> str:
     lines = [f"ViT Attention Explorer benchmark{' (quick)' if meta['quick'] else ''}: {meta['device']}, "
              f"torch {meta['torch']}, {meta['threads']} threads on {meta['cpus']} CPUs, repeats {meta['repeats']} "
-             f"(heavy {meta['heavy_repeats']}; explain ×3 under 1000 tokens), load average {meta['loadavg_start']} → {meta['loadavg_end']}, "
+             f"(heavy {meta['heavy_repeats']}; explain ×3 under 1000 tokens), "
+             f"load average {meta['loadavg_start']} → {meta['loadavg_end']}, "
              f"{meta['seconds']:.0f} s"]
     for key, m in meta["models"].items():
         extra = f", {m['tokens']} tokens, {m['params'] / 1e6:.1f}M params" if "tokens" in m else ""

@@ -133,7 +133,7 @@ def test_ratio_pairs_rounds_of_one_interleaved_run(monkeypatch):
 
 
 def test_batch_row_is_skipped_with_a_reason_when_memory_is_short(monkeypatch):
-    """A batch of 32 DINOv2-S images at 1370 tokens keeps 8.6 GB of float16 attention alone: on a
+    """A batch of 32 DINOv2-S images at 1370 tokens keeps 8.1 GB of float16 attention alone: on a
     machine without the memory the row says what it needs instead of running out of memory."""
     from types import SimpleNamespace
 
