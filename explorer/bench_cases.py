@@ -183,15 +183,29 @@ def _batch_bytes(loaded: Any, batch: int) -> int:
     return attention + means + states + activations
 
 
-def _available_bytes() -> int | None:
+def _available_bytes(root: str = "/") -> int | None:
+    """What this process may still allocate: the kernel's ``MemAvailable``, or less where a
+    cgroup (a container, a hosted Space) limits memory below it; None when neither says."""
+    base = Path(root)
+    avail = None
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # not Linux: no guard, as before
+        for line in (base / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return None
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        cg = base / "sys/fs/cgroup"
+        try:
+            limit, used = (cg / limit_file).read_text().strip(), int((cg / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's huge number: no limit
+            room = max(0, int(limit) - used)
+            avail = room if avail is None else min(avail, room)
+        break
+    return avail
 
 
 def _explain_batch(cfg: BenchConfig, loaded: Any, key: str, timer: Timer) -> Row:

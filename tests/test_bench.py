@@ -147,3 +147,23 @@ def test_batch_row_is_skipped_with_a_reason_when_memory_is_short(monkeypatch):
     row = bench_cases._explain_batch(SimpleNamespace(batch=32), loaded, "hightok", timer=None)
     assert row.id == "explain.batch[hightok]" and row.status == "skipped" and row.is_target
     assert f"needs about {need / 2**30:.1f} GB, 4.0 GB available" == row.note
+
+
+@pytest.mark.parametrize("cgroup", [None, "v1", "v2", "v2-unlimited"])
+def test_available_memory_respects_a_container_limit(tmp_path, cgroup):
+    from explorer.bench_cases import _available_bytes
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    cg = tmp_path / "sys/fs/cgroup"
+    if cgroup == "v1":
+        (cg / "memory").mkdir(parents=True)
+        (cg / "memory/memory.limit_in_bytes").write_text(f"{8 * 2**30}\n")
+        (cg / "memory/memory.usage_in_bytes").write_text(f"{3 * 2**30}\n")
+    elif cgroup is not None:
+        cg.mkdir(parents=True)
+        (cg / "memory.max").write_text("max\n" if cgroup == "v2-unlimited" else f"{6 * 2**30}\n")
+        (cg / "memory.current").write_text(f"{2**30}\n")
+    expected = {None: 20000000 * 1024, "v1": 5 * 2**30, "v2": 5 * 2**30, "v2-unlimited": 20000000 * 1024}[cgroup]
+    assert _available_bytes(str(tmp_path)) == expected
+    assert _available_bytes(str(tmp_path / "nowhere")) is None
