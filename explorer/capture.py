@@ -67,7 +67,7 @@ class Explanation:
     attention: np.ndarray  # (L, H, T, T), rows sum to 1; float16 above ATTENTION_FLOAT32_BUDGET
     tokens: np.ndarray  # (L + 1, T, D) float32: after the embedding (0) and after each block
     patch_embeddings: np.ndarray  # (N, D): patch tokens before position embedding and prefix
-    final_tokens: np.ndarray  # (T, D) after the final norm: what the head reads
+    final_tokens: np.ndarray  # (T, D) after the final norm (forward_features), which the head pools
     crop: np.ndarray  # (h, w, 3) uint8: exactly the pixels the model saw
     box: tuple[float, float, float, float]  # the crop in original-image coordinates
     image_size: tuple[int, int]  # (width, height) of the original image
@@ -656,7 +656,9 @@ def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5)
     logits = raw.logits.float()
     probs = logits.softmax(-1)
     names = label_names_for(model, logits.shape[-1])
-    k = min(topk, logits.shape[-1])
+    # a model built without a classifier head (num_classes=0: DINOv2 backbones) returns its pooled
+    # features as "logits"; a softmax over them is no prediction, so none is reported
+    k = 0 if getattr(net, "num_classes", None) == 0 else min(topk, logits.shape[-1])
     top_p, top_i = probs.topk(k, dim=-1)
     attn = raw.attention  # (B, L, H, T, T), already in the storage dtype
     if attn is None or attn.shape[-1] != layout.num_tokens:

@@ -42,7 +42,8 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
         Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
 
-    named = [("rollout.png", pmap)] + [(f"layer{layer:02d}.png", maps[layer].mean(0))
+    # layers counted from 1, as the app names them (layer01.png is the first block)
+    named = [("rollout.png", pmap)] + [(f"layer{layer + 1:02d}.png", maps[layer].mean(0))
                                        for layer in range(exp.num_layers)]
     drawn: dict[str, bytes] = {}
     for i in range(0, len(named), 2):  # two overlays a pass over the image; two photo-sized buffers
@@ -63,7 +64,7 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
         "layout": {"prefix": list(lay.prefix_roles), "grid": list(lay.grid), "patch": list(lay.patch_size)},
         "crop_box": list(exp.box), "image_size": list(exp.image_size), "query": query,
         "rollout": {"head_fusion": opts.head_fusion, "discard_ratio": opts.discard_ratio,
-                    "start_layer": opts.start_layer},
+                    "start_layer": opts.start_layer + 1, "start_block_index": opts.start_layer},
         "notes": [c for c, _ in exp.notes]}, indent=1, ensure_ascii=False).encode()
     return files
 

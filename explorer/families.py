@@ -221,18 +221,18 @@ def model_facts(model: nn.Module) -> ModelFacts:
     if fam == "tnt":
         width = model.embed_dim
         heads = blk.attn_out.num_heads
-        mlp = blk.mlp.fc1.out_features
+        mlp = blk.mlp.fc2.in_features  # the hidden size: a gated MLP's fc1 holds two halves
         inner = {
             "width": int(blk.attn_in.v.in_features),
             "heads": int(blk.attn_in.num_heads),
-            "mlp": int(blk.mlp_in.fc1.out_features),
+            "mlp": int(blk.mlp_in.fc2.in_features),
             "pixel_grid": tuple(int(n) for n in model.pixel_embed.new_patch_size),
         }
         pos = "learned patch_pos + pixel_pos"
     else:
         width = model.embed_dim
         heads = blk.attn.num_heads
-        mlp = blk.mlp.fc1.out_features
+        mlp = blk.mlp.fc2.in_features  # the hidden size: a gated MLP's fc1 holds two halves
         inner = {}
         if getattr(model, "pos_embed", None) is None:
             pos = "none"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTROLS = ("mean", 0.0, 0, 0.55, True, 0)
+CONTROLS = ("mean", 0.0, 1, 0.55, True, 1)  # fusion, discard, start layer (from 1), opacity, mask, inner layer
 PRED, LOAD_PRED, LOAD_STATUS = 16, 22, 5  # output positions in /explain and /load_model
 
 
@@ -147,7 +147,7 @@ class User:
     def attention(self):
         """A slider or fusion change: the caption must still name this user's own query token
         (both classroom models: one class token, then an 8×8 grid)."""
-        out = self.c.predict("en", self.rng.choice(["mean", "max", "min"]), 0.0, 0, 0.55, True, 0,
+        out = self.c.predict("en", self.rng.choice(["mean", "max", "min"]), 0.0, 1, 0.55, True, 1,
                              api_name="/attention")
         q = self.query
         want = "the class token" if q == 0 else f"patch {q - 1} (row {(q - 1) // 8}, col {(q - 1) % 8})"

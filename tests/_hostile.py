@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CONTROLS = ("mean", 0.0, 0, 0.55, True, 0)  # fusion, discard, start_layer, opacity, show_mask, inner_layer
+CONTROLS = ("mean", 0.0, 1, 0.55, True, 1)  # fusion, discard, start_layer, opacity, show_mask, inner_layer
 
 
 # ----------------------------------------------------------------------------- files

@@ -656,3 +656,50 @@ def test_ranks_of_prefix_tokens_only():
 
     ranks = link_ranks(np.full((1, 1, 2, 2), 0.5, np.float32), "mean", 2)
     assert (ranks == np.iinfo(np.int16).max).all()
+
+
+@pytest.mark.parametrize("key", ["vit", "gap", "deit_distilled", "tnt"])
+def test_embedding_final_is_what_the_classifier_reads(key):
+    """``Embedding.final`` is the classifier's input: the head applied to it gives the logits of a
+    plain forward pass (for an average-pool model the patch mean goes through ``fc_norm`` first,
+    which the mean of the normed final tokens alone misses). Layer states: the class token, or the
+    patch mean for a model without one, of the Explanation's token states."""
+    import torch
+
+    from conftest import build, random_image
+    from explorer.analysis.embeddings import embed_images
+    from explorer.capture import explain
+
+    m = build(key)
+    imgs = [random_image(70, 90, seed=s) for s in range(3)]
+    emb = embed_images(m, imgs)
+    for i, img in enumerate(imgs):
+        exp = explain(m, img)
+        if key == "deit_distilled":  # two heads on two tokens: the final embedding is the class token's
+            np.testing.assert_allclose(emb.final[i], exp.final_tokens[0], atol=2e-5, rtol=1e-4)
+        else:
+            with torch.inference_mode():
+                logits = m.model.head(torch.from_numpy(emb.final[i:i + 1]))
+            np.testing.assert_allclose(logits[0].numpy(), exp.logits, atol=2e-5, rtol=1e-4)
+        assert emb.predictions[i] == int(np.argmax(exp.logits))
+        lay = exp.layout
+        want = exp.tokens[:, 0] if lay.has_class_token else exp.tokens[:, lay.num_prefix:].mean(1)
+        np.testing.assert_allclose(emb.class_tokens[:, i], want, atol=2e-5, rtol=1e-4)
+
+
+def test_headless_model_reports_no_prediction():
+    """A backbone built with ``num_classes=0`` returns pooled features, not logits: no top-k in
+    its Explanation and prediction -1 in an embedding (the app then shows no prediction panel)."""
+    import explorer
+    from conftest import random_image
+    from explorer.analysis.embeddings import embed_images
+    from explorer.capture import explain
+
+    m = explorer.load_model("vit_tiny_patch16_224", pretrained=False, use_cache=False, img_size=64, depth=1,
+                            num_classes=0)
+    exp = explain(m, random_image())
+    assert exp.topk == [] and exp.logits.shape == (192,)
+    emb = embed_images(m, [random_image(seed=s) for s in range(2)])
+    assert emb.predictions.tolist() == [-1, -1]
+    first = explain(m, random_image(seed=0))  # the features the model returns are what it pools
+    np.testing.assert_allclose(emb.final[0], first.logits, atol=2e-5, rtol=1e-4)

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples" / "shapes"
-CONTROLS = dict(fusion="mean", discard=0.0, start_layer=0, opacity=0.55, show_mask=True, inner_layer=0)
+CONTROLS = dict(fusion="mean", discard=0.0, start_layer=1, opacity=0.55, show_mask=True, inner_layer=1)
 # /explain and /load_model return the views in this order
 VIEWS = ["overlay", "caption", "layer_head", "inner_img", "inner_md", "query", "grid_img", "pipeline", "conv_note",
          "overlap", "cost", "pos_plot", "pos_md", "pixel_plot", "mad_plot", "mad_md", "pred", "notes", "start_layer",
@@ -124,7 +124,7 @@ def test_explain_matches_an_independent_computation(client):
     z = np.array(plot_data(v["layer_head"])[0].z, dtype=float)
     L, H = exp.num_layers, exp.num_heads
     assert z.shape == (L * 9 - 1, H * 9 - 1)
-    assert v["query"] == 0 and v["start_layer"]["maximum"] == L - 1
+    assert v["query"] == 0 and v["start_layer"]["maximum"] == L
     # mean attention distance plot: one trace per head with L points
     heads = [d for d in plot_data(v["mad_plot"]) if d.mode == "markers"]
     assert len(heads) == H and all(len(d.y) == L for d in heads)
@@ -151,10 +151,11 @@ def test_controls_and_queries_answer_from_the_cache(client):
     exp = explain_py(load_model("classroom-vit"), decode(path.read_bytes()).array)
     # a slider answers with the overlay, its caption and the TNT inner view; the grid stays
     out = dict(zip(["overlay", "caption", "inner_img", "inner_md"],
-                   client.predict("en", "max", 0.5, 2, 0.7, False, 0, api_name="/attention")))
+                   client.predict("en", "max", 0.5, 3, 0.7, False, 1, api_name="/attention")))
     assert "class token" in out["caption"]
     assert "Share of rollout" in out["caption"]  # the mask is known even when its outline is hidden
-    # its share, with max fusion, half the links discarded and the first two layers left out,
+    # its share, with max fusion, half the links discarded and the first two layers left out (the
+    # slider counts layers from 1: start at layer 3, block index 2),
     # recomputed from the full matrix chain (discarding by selection, not by the kept ranks)
     from explorer.analysis import RolloutOptions, rollout_matrix
     from explorer.app.views import object_patches
@@ -166,16 +167,16 @@ def test_controls_and_queries_answer_from_the_cache(client):
     obj = object_patches(mask, exp.box, lay)
     assert int(re.search(r"\*\*(\d+)%\*\*", out["caption"]).group(1)) == round(100 * pmap[obj].sum() / pmap.sum())
     token = exp.layout.token_of_patch(3, 4)
-    out = dict(zip(ATTN, client.predict(token, "en", "mean", 0.0, 0, 0.55, True, 0, api_name="/set_query")))
+    out = dict(zip(ATTN, client.predict(token, "en", "mean", 0.0, 1, 0.55, True, 1, api_name="/set_query")))
     assert out["query"] == token
-    assert "patch 28 (row 3, col 4)" in out["caption"]
+    assert "token 29 (the patch in row 4, column 5)" in out["caption"]  # rows and columns counted from 1
     z = np.asarray(plot_data(out["layer_head"])[0].customdata, dtype=float)[..., 1]  # raw weights in hover data
-    top_left = z[:8, :8]  # layer 0, head 0
+    top_left = z[:8, :8]  # layer 1, head 1
     np.testing.assert_allclose(top_left, exp.attention[0, 0, token, 1:].reshape(8, 8), atol=1e-4)
-    out = dict(zip(ATTN, client.predict("en", "mean", 0.0, 0, 0.55, True, 0, api_name="/reset_query")))
+    out = dict(zip(ATTN, client.predict("en", "mean", 0.0, 1, 0.55, True, 1, api_name="/reset_query")))
     assert out["query"] == 0
     with pytest.raises(AppError, match="outside"):
-        client.predict(999, "en", "mean", 0.0, 0, 0.55, True, 0, api_name="/set_query")
+        client.predict(999, "en", "mean", 0.0, 1, 0.55, True, 1, api_name="/set_query")
 
 
 def test_patches_overlap_calculator(client):
@@ -190,7 +191,7 @@ def test_patches_overlap_calculator(client):
 
 def test_language_switch_translates_everything(client):
     explain(client, example("square"))
-    out = client.predict("zh-CN", "mean", 0.0, 0, 0.55, True, 0, 8, 8, api_name="/set_language")
+    out = client.predict("zh-CN", "mean", 0.0, 1, 0.55, True, 1, 8, 8, api_name="/set_language")
     texts = all_text(out)
     assert "类别 token" in texts and "图像块" in texts and "怎么看" in texts
 
@@ -207,13 +208,23 @@ def test_tsne_side_by_side_with_silhouette(client):
 def test_tnt_shows_inner_attention(client):
     c = CONTROLS
     out = client.predict("classroom-tnt", None, "", handle_file(str(example("star"))), "en", c["fusion"],
-                         c["discard"], c["start_layer"], c["opacity"], c["show_mask"], 0, 8, 8, api_name="/load_model")
+                         c["discard"], c["start_layer"], c["opacity"], c["show_mask"], 1, 8, 8, api_name="/load_model")
     texts = all_text(out)
     assert "inner" in texts.lower() and "4×4" in texts
     v = dict(zip(VIEWS, out[6:]))  # model, kernel, stride, card, curve, status come first
     inner = np.asarray(Image.open(v["inner_img"]))
     assert inner.shape[0] >= 192 and inner.ndim == 3
-    assert "inner attention inside patch" in v["inner_md"]
+    # the class token has no patch: the view looks inside the patch its rollout reaches most;
+    # classroom-tnt's 8-px patches hold 4×4 words of 2×2 px (TNT-S: 16-px patches, words of 4×4 px)
+    from explorer import explain as explain_py, load_model
+    from explorer.analysis import RolloutOptions
+    from explorer.images import decode
+
+    loaded = load_model("classroom-tnt")
+    exp = explain_py(loaded, decode(example("star").read_bytes()).array)
+    top = int(np.argmax(exp.rollout_row(0, RolloutOptions())[1:])) + 1
+    assert f"inside the patch of token {top}, layer 1:" in v["inner_md"], v["inner_md"]
+    assert "each of its 16 words (2×2 pixels each)" in v["inner_md"]
 
 
 def test_bad_inputs_get_clear_messages(client, tmp_path):
@@ -223,7 +234,7 @@ def test_bad_inputs_get_clear_messages(client, tmp_path):
         explain(client, fake)
     c = CONTROLS
     out = client.predict("resnet18", None, "", None, "en", c["fusion"], c["discard"], c["start_layer"], c["opacity"],
-                         c["show_mask"], 0, 8, 8, api_name="/load_model")
+                         c["show_mask"], 1, 8, 8, api_name="/load_model")
     assert any(isinstance(o, str) and "not a family this explorer supports" in o for o in out)
     # the previous model still works
     v = explain(client, example("circle"))

@@ -79,19 +79,20 @@ def check_posembed_hover_data(pg) -> None:
     and a gap). Hover itself does not fire under headless Chromium here, so the data is read."""
     cd = pg.evaluate("(() => { const d = document.querySelector('#pos_plot .js-plotly-plot')._fullData[0]"
                      ".customdata; return [d[0][0], d[9][0], d[0][27], d[10][19], d[8][0]].map(v => Array.from(v)); })()")
-    assert cd == [[0, 0], [1, 0], [0, 3], [1, 2], [-1, -1]], cd
+    assert cd == [[1, 1], [2, 1], [1, 4], [2, 3], [-1, -1]], cd  # rows and columns counted from 1
 
 
 def check_layer_head_hover_data(pg) -> None:
-    """The layer × head grid after a click on patch 21 (row 2, col 5 of the 8×8 grid): plotly.js
-    has the axes' category names the hover label shows and the (patch, weight) hover data."""
+    """The layer × head grid after a click on token 22 (row 2, col 5 of the 8×8 grid counted from
+    0; the app counts rows, columns, layers and heads from 1): plotly.js has the axes' category
+    names the hover label shows and the (token, weight) hover data."""
     pg.wait_for_function("(() => { const g = document.querySelector('#layer_head .js-plotly-plot'); "
-                         "return g && g._fullLayout && g._fullLayout.title.text.includes('patch 21'); })()")
+                         "return g && g._fullLayout && g._fullLayout.title.text.includes('token 22'); })()")
     d = pg.evaluate("(() => { const t = document.querySelector('#layer_head .js-plotly-plot')._fullData[0]; "
                     "return [t.y[2], t.x[5], Array.from(t.customdata[2][5]), t.x[8]]; })()")
-    assert d[0] == "layer 0 · row 2" and d[1] == "head 0 · col 5", d
-    assert d[2][0] == 21 and 0.0 <= d[2][1] <= 1.0, d  # patch index, attention weight
-    assert d[3].strip() == "", d  # the gap column between head 0 and head 1
+    assert d[0] == "layer 1 · row 3" and d[1] == "head 1 · col 6", d
+    assert d[2][0] == 22 and 0.0 <= d[2][1] <= 1.0, d  # token index, attention weight
+    assert d[3].strip() == "", d  # the gap column between head 1 and head 2
 
 
 def shoot_all_tabs(pg, lang: str) -> None:
@@ -133,7 +134,7 @@ def test_upload_click_tabs_and_chinese(page):
     wait_change(pg, lambda: query_value(pg), "0")
     assert query_value(pg) == str(1 + 2 * 8 + 5)
     # the query box, caption and overlay arrive in one event but may be drawn one after another
-    wait_text(pg, "#caption", "patch 21 (row 2, col 5)")
+    wait_text(pg, "#caption", "token 22 (the patch in row 3, column 6)")
     wait_change(pg, lambda: overlay_src(pg), before)
     check_layer_head_hover_data(pg)
     pg.click("#reset")

@@ -355,7 +355,7 @@ def _mount_full_tmpfs(where: Path) -> bool:
 def test_export_with_a_full_disk_or_unwritable_folder(client, workdir):
     link, good = workdir / "export-link", workdir / "exports"
     explain(client, STAR)
-    out = client.predict("en", "mean", 0.0, 0, 0.55, True, api_name="/export")
+    out = client.predict("en", "mean", 0.0, 1, 0.55, True, api_name="/export")
     assert Path(out["value"]).suffix == ".zip" and len(list(good.glob("explanation-*.zip"))) == 1
 
     blocker = workdir / "a-file"
@@ -370,14 +370,14 @@ def test_export_with_a_full_disk_or_unwritable_folder(client, workdir):
             _point(link, target)
             for lang, expected in (("en", "Could not write"), ("zh-CN", "无法保存文件")):
                 with pytest.raises(AppError, match=expected):
-                    client.predict(lang, "mean", 0.0, 0, 0.55, True, api_name="/export")
+                    client.predict(lang, "mean", 0.0, 1, 0.55, True, api_name="/export")
             if target.is_dir():
                 assert sorted(p.name for p in target.iterdir()) == ["filler"], what  # nothing half-written
     finally:
         _point(link, good)
         if mounted:
             subprocess.run(["umount", str(full)], capture_output=True)
-    out = client.predict("en", "mean", 0.0, 0, 0.55, True, api_name="/export")
+    out = client.predict("en", "mean", 0.0, 1, 0.55, True, api_name="/export")
     assert Path(out["value"]).suffix == ".zip"
     if not mounted:
         pytest.skip("could not mount a tiny tmpfs: the disk-full case was not run (the unwritable one was)")

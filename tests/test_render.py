@@ -216,12 +216,18 @@ def test_layer_head_grid_figure():
     np.testing.assert_allclose(z[5:9, 10:14], maps[1, 2] / maps[1, 2].max(), rtol=1e-6)
     custom = np.asarray(fig.data[0].customdata, dtype=float)
     np.testing.assert_allclose(custom[5:9, 10:14, 1], maps[1, 2], rtol=1e-6)  # raw weights
-    np.testing.assert_array_equal(custom[5:9, 10:14, 0], np.arange(16).reshape(4, 4))  # patch index
+    np.testing.assert_array_equal(custom[5:9, 10:14, 0], np.arange(16).reshape(4, 4))  # token index (no prefix)
     assert (custom[4, :, 0] == -1).all() and np.isnan(z[4]).all()  # the gap row
-    # the hover names a cell by its categories: layer and row (y), head and column (x)
-    assert fig.data[0].y[7] == "layer 1 · row 2" and fig.data[0].x[13] == "head 2 · col 3"
+    # the hover names a cell by its categories: layer and row (y), head and column (x), counted from 1
+    assert fig.data[0].y[7] == "layer 2 · row 3" and fig.data[0].x[13] == "head 3 · col 4"
     assert len(set(fig.data[0].x)) == z.shape[1] and len(set(fig.data[0].y)) == z.shape[0]
-    assert fig.layout.xaxis.type == "category" and list(fig.layout.xaxis.ticktext) == ["head 0", "head 1", "head 2"]
+    assert fig.layout.xaxis.type == "category" and list(fig.layout.xaxis.ticktext) == ["head 1", "head 2", "head 3"]
+    assert list(fig.layout.yaxis.ticktext) == ["layer 1", "layer 2"]
+    # with a class token first, the hover names the sequence position the query box takes
+    shifted = layer_head_grid(maps, title="t", layer_label="layer", head_label="head", value_label="w",
+                              first_token=1)
+    np.testing.assert_array_equal(np.asarray(shifted.data[0].customdata, dtype=float)[5:9, 10:14, 0],
+                                  1 + np.arange(16).reshape(4, 4))
 
 
 def _figure_cases():
@@ -365,10 +371,10 @@ def test_export_writes_every_overlay_the_viewer_would_draw(vit_model):
     files = export.artefacts(e, img, opts, q, "tiny")
     names = list(files)
     assert names[:3] == ["rollout.png", "patches.png", "layers_heads.png"]
-    assert names[3:3 + e.num_layers] == [f"layer{i:02d}.png" for i in range(e.num_layers)]
+    assert names[3:3 + e.num_layers] == [f"layer{i + 1:02d}.png" for i in range(e.num_layers)]
     maps = analysis.query_maps(e.attention, q, e.layout)
     expected = {"rollout.png": analysis.patch_map(e.rollout_row(q, opts), e.layout.num_prefix, e.layout.grid)}
-    expected.update({f"layer{i:02d}.png": maps[i].mean(0) for i in range(e.num_layers)})
+    expected.update({f"layer{i + 1:02d}.png": maps[i].mean(0) for i in range(e.num_layers)})
     for name, m in expected.items():
         got = np.asarray(Image.open(io.BytesIO(files[name])))
         np.testing.assert_array_equal(got, ov.overlay(img, m, box=e.box), err_msg=name)

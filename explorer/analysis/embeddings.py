@@ -20,8 +20,8 @@ MAX_IMAGES = 2000
 @dataclass
 class Embedding:
     class_tokens: np.ndarray  # (L + 1, n, D): after the embedding and after every block
-    final: np.ndarray  # (n, D): after the final norm, what the head reads
-    predictions: np.ndarray  # (n,) predicted class index
+    final: np.ndarray  # (n, D): what the classifier reads (timm's forward_head with pre_logits)
+    predictions: np.ndarray  # (n,) predicted class index; -1 for a model without a classifier head
 
 
 def embed_images(model: Any, images: Sequence[Any], *, batch_size: int = 32,
@@ -43,6 +43,7 @@ def embed_images(model: Any, images: Sequence[Any], *, batch_size: int = 32,
     cfg = getattr(model, "data_config", None) or DataConfig.from_model(net, families.default_input_size(net))
     layout = families.layout_for(net, cfg.input_size)
     cls = layout.prefix_roles.index("cls") if layout.has_class_token else None
+    headless = getattr(net, "num_classes", None) == 0
     per_layer, finals, preds = [], [], []
     n = len(images)
     for start in range(0, n, batch_size):
@@ -52,14 +53,29 @@ def embed_images(model: Any, images: Sequence[Any], *, batch_size: int = 32,
         tok = torch.stack(raw.tokens, 0)  # (L + 1, B, T, D)
         if cls is not None:
             per_layer.append(tok[:, :, cls].float().numpy())
-            finals.append(raw.final_tokens[:, cls].float().numpy())
         else:
             per_layer.append(tok[:, :, layout.num_prefix:].mean(2).float().numpy())
-            finals.append(raw.final_tokens[:, layout.num_prefix:].mean(1).float().numpy())
-        preds.append(raw.logits.argmax(-1).cpu().numpy())
+        finals.append(head_input(net, raw.final_tokens, cls, layout.num_prefix).float().numpy())
+        preds.append(np.full(len(chunk), -1) if headless else raw.logits.argmax(-1).cpu().numpy())
         if progress is not None:
             progress(min(start + batch_size, n), n)
     return Embedding(np.concatenate(per_layer, 1), np.concatenate(finals, 0), np.concatenate(preds))
+
+
+def head_input(net: Any, final_tokens: Any, cls: int | None, num_prefix: int) -> Any:
+    """The image's final embedding: the class token after the final norm; for a model without one,
+    what its classifier reads, timm's own ``forward_head(pre_logits=True)`` (an average-pool model's
+    patch mean followed by ``fc_norm``, which the final norm before it does not replace). Models
+    without that method: the patch mean."""
+    import torch
+
+    if cls is not None:  # (a distilled DeiT's pre-logits would average it with the distillation token)
+        return final_tokens[:, cls]
+    with torch.inference_mode():
+        try:
+            return net.forward_head(final_tokens, pre_logits=True)
+        except (AttributeError, TypeError, RuntimeError):
+            return final_tokens[:, cls] if cls is not None else final_tokens[:, num_prefix:].mean(1)
 
 
 def check_count(n: int) -> None:

@@ -88,6 +88,40 @@ def _loaded(ms: dict) -> Any:
     return zoo.load_model(ms["spec"])
 
 
+def block_index(layer: Any) -> int:
+    """A layer slider's value, counted from 1 as every view names layers ("layer 1" is the first
+    block, as on the depth axis of the distance plot), as the 0-based block index the analysis uses."""
+    try:
+        return max(0, int(layer or 1) - 1)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _conv_text(conv: Any) -> str:
+    pad = tuple(conv.padding) if isinstance(conv.padding, tuple) else conv.padding
+    extra = f", padding={pad}" if pad not in ((0, 0), 0, "valid") else ""
+    return (f"Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)}, "
+            f"stride={tuple(conv.stride)}{extra})")
+
+
+def patch_embed_note(loaded: Any, lang: str) -> str:
+    """The patches view's check, read from the loaded model's own modules. A ViT's patch embedding
+    is one convolution with kernel = stride = P. TNT cuts the image into non-overlapping patches
+    with ``nn.Unfold`` (kernel = stride = P) and then embeds each patch's pixel words with a small
+    convolution whose windows overlap (7×7, stride 4 in TNT-S): that one is not the patch cut."""
+    m = loaded.model
+    if hasattr(m, "pixel_embed"):
+        pe = m.pixel_embed
+        k = tuple(pe.unfold.kernel_size) if isinstance(pe.unfold.kernel_size, tuple) else (pe.unfold.kernel_size,) * 2
+        st = tuple(pe.unfold.stride) if isinstance(pe.unfold.stride, tuple) else (pe.unfold.stride,) * 2
+        inner = loaded.facts.inner or {}
+        pr, pc = inner.get("pixel_grid", (0, 0))
+        return t(lang, "conv_note_tnt", unfold=f"Unfold(kernel_size={k}, stride={st})", k=k[0], s=st[0],
+                 conv=_conv_text(pe.proj), ck=pe.proj.kernel_size[0], cs=pe.proj.stride[0], pr=pr, pc=pc)
+    conv = m.patch_embed.proj
+    return t(lang, "conv_note", layer=_conv_text(conv), k=conv.kernel_size[0], s=conv.stride[0])
+
+
 def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> None:
     controls = [ui.fusion, ui.discard, ui.start_layer, ui.opacity, ui.show_mask]
     attn_out = [ui.overlay, ui.caption, ui.layer_head, ui.inner_row, ui.inner_img, ui.inner_md, ui.query]
@@ -103,8 +137,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         the query, not on fusion, discard, start layer or opacity)."""
         if s.exp is None:
             return {c: gr.update() for c in (attn_out if grid else ctl_out)}
-        v = views.attention_tab(s, lang, fusion=fusion, discard=discard, start_layer=start, opacity=opacity,
-                                show_mask=show_mask, inner_layer=inner_layer, grid=grid)
+        v = views.attention_tab(s, lang, fusion=fusion, discard=discard, start_layer=block_index(start),
+                                opacity=opacity, show_mask=show_mask, inner_layer=block_index(inner_layer),
+                                grid=grid)
         out = {ui.overlay: v["overlay"], ui.caption: v["caption"], ui.inner_img: v["inner"],
                ui.inner_row: gr.update(visible=v["inner"] is not None), ui.inner_md: v["inner_md"]}
         if grid:
@@ -117,21 +152,19 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         assert exp is not None
         grid_img, pipe, cost_fig, overlap = views.patches_view(s, lang, kernel, stride)
         loaded = _loaded(ms)
-        pe = loaded.model.pixel_embed if exp.family == "tnt" else loaded.model.patch_embed
-        conv = pe.proj
-        conv_note = t(lang, "conv_note", layer=f"Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size="
-                      f"{tuple(conv.kernel_size)}, stride={tuple(conv.stride)})", k=conv.kernel_size[0],
-                      s=conv.stride[0])
+        conv_note = patch_embed_note(loaded, lang)
         pos_fig, pos_md, pixel_fig = views.posembed_view(s, lang, loaded.facts.grid)
         mad_fig, mad_md = views.distance_view(s, lang)
         L = exp.num_layers
         out.update({ui.grid_img: grid_img, ui.pipeline: pipe, ui.conv_note: conv_note, ui.overlap: overlap,
                     ui.cost: cost_fig, ui.pos_plot: pos_fig, ui.pos_md: pos_md,
                     ui.pixel_plot: gr.update(value=pixel_fig, visible=pixel_fig is not None),
-                    ui.mad_plot: mad_fig, ui.mad_md: mad_md, ui.pred: H.prediction(s, lang, loaded),
+                    ui.mad_plot: mad_fig, ui.mad_md: mad_md,
+                    # a feature backbone (no classifier head) says so in place of the classes
+                    ui.pred: H.prediction(s, lang, loaded) if exp.topk else t(lang, "prediction_none"),
                     ui.notes: H.notes_text(s, lang),
-                    ui.start_layer: gr.update(maximum=L - 1, value=min(int(ctl[2] or 0), L - 1)),
-                    ui.inner_layer: gr.update(maximum=L - 1, value=min(int(inner_layer or 0), L - 1)),
+                    ui.start_layer: gr.update(maximum=L, value=min(block_index(ctl[2]) + 1, L)),
+                    ui.inner_layer: gr.update(maximum=L, value=min(block_index(inner_layer) + 1, L)),
                     ui.tsne_layer: gr.update(maximum=L, value=L)})
         return out
 
@@ -246,7 +279,7 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     def on_export(s, lang, fusion, discard, start_layer, opacity, show_mask):
         try:
-            path = H.export(s, lang, H.Controls(fusion, float(discard), int(start_layer or 0), opacity, show_mask))
+            path = H.export(s, lang, H.Controls(fusion, float(discard), block_index(start_layer), opacity, show_mask))
         except H.UserError as e:
             raise _err(lang, e) from None
         except Exception:
@@ -277,7 +310,7 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     def on_lang(lang, s, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
         out = dict(zip(text_comps, ui.T.updates(lang)))
-        merge(out, model_views(ms, lang, ""))
+        merge(out, model_views(ms, lang, H.status_text(_loaded(ms), lang)))
         if s.exp is not None:
             merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask], inner_layer,
                                   kernel, stride))
@@ -296,15 +329,24 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
             merge(out, model_views(ms, lang, status))
             ps = loaded.facts.patch_size[0]
             merge(out, {ui.kernel: gr.update(value=ps), ui.stride: gr.update(value=ps)})
-            shapes = H.examples("shapes")
-            if shapes and ui.image.value is None:
-                out[ui.image] = TS.default_example(shapes)
         except H.UserError as e:
             out[ui.status] = f"⚠️ {e}"
         return out
 
-    demo.load(on_start, None, text_comps + [ui.lang, ui.image, ui.kernel, ui.stride] + model_out,
-              api_name=False)
+    def start_image():
+        """The first example, set only after ``on_start`` has put the sliders at the model's patch
+        size: set in the same update, the image's change event read the sliders' old values, and the
+        overlap calculator described kernel 16 beside sliders at 8."""
+        shapes = H.examples("shapes")
+        if not shapes or ui.image.value is not None:
+            return gr.update()
+        try:
+            return TS.default_example(shapes, zoo.load_model(ui.default_model))
+        except ExplorerError:
+            return TS.default_example(shapes)
+
+    demo.load(on_start, None, text_comps + [ui.lang, ui.kernel, ui.stride] + model_out,
+              api_name=False).then(start_image, None, ui.image, api_name=False)
 
 
 def launch(host: str | None = None, port: int | None = None, share: bool = False,
@@ -335,10 +377,14 @@ def launch(host: str | None = None, port: int | None = None, share: bool = False
     app_kwargs = {"exception_handlers": {FnIndexInferError: not_found},
                   "middleware": [Middleware(BodyLimit, limit=64 * 2**20)]}
     app_kwargs.update(kwargs.pop("app_kwargs", None) or {})
+    # the bundled examples may be returned as values (the first image at start): Gradio serves
+    # files only from the working directory and the temp folder unless their folder is allowed,
+    # so a server started anywhere but the repository showed no first image
+    allowed = [str(H.EXAMPLES)] + list(kwargs.pop("allowed_paths", None) or [])
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
                 share=share, max_file_size=size_bytes(os.environ.get("VIT_EXPLORER_MAX_UPLOAD", "50mb")),
                 max_threads=max(4, 2 * cores), enable_monitoring=False,
                 state_session_capacity=int(os.environ.get("VIT_EXPLORER_SESSIONS", "64")),
                 show_error=False, css=CSS, head=HEAD, theme=gr.themes.Soft(primary_hue="indigo"),
-                ssr_mode=False, app_kwargs=app_kwargs, **kwargs)
+                ssr_mode=False, app_kwargs=app_kwargs, allowed_paths=allowed, **kwargs)

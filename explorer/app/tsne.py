@@ -21,8 +21,16 @@ from .i18n import error_text, t
 PARTNER = {"classroom-vit": "classroom-tnt", "classroom-tnt": "classroom-vit"}
 
 
-def default_example(paths: list[str]) -> str:
-    """The example shown at start: a star if there is one (it reads well in every view)."""
+def default_example(paths: list[str], loaded: Any = None) -> str:
+    """The example shown at start: the one ``loaded`` classifies right most confidently (a
+    misclassified first image would open the lesson on a wrong answer); without a model, a star."""
+    if loaded is not None:
+        from .handlers import example_scores
+
+        scores = example_scores(loaded, paths)
+        best = max(paths, key=lambda p: (scores.get(p, -1.0), -paths.index(p)))
+        if scores.get(best, -1.0) >= 0:
+            return best
     return next((p for p in paths if "star" in p), paths[0])
 
 
@@ -123,9 +131,19 @@ def run(ms: dict, source: str, count: int, layer: int, files: Any, colour: str, 
         for spec, loaded in models.items():
             embs[spec] = E.embed_images(loaded, imgs, progress=lambda d, n, nm=spec: progress(
                 d / n, desc=t(lang, "tsne_progress", name=nm)))
+        zh = {}
+        for m in models.values():  # the bundled models' class names in Chinese, for the legend
+            names_zh = (m.notes or {}).get("classes_zh") or []
+            if len(names_zh) == len(m.label_names or []):
+                zh.update(zip(m.label_names, names_zh))
         cache = {"key": key, "labels": labels, "thumbs": thumbs, "embs": embs,
-                 "skipped": skipped,
+                 "skipped": skipped, "zh": zh,
                  "names": {s: m.label_names if not ms.get("checkpoint") else None for s, m in models.items()}}
+    zh = cache.get("zh") or {}
+
+    def shown(name: str) -> str:
+        return zh.get(name, name) if lang == "zh-CN" else name
+
     labels = cache["labels"]
     panels = []
     for spec, emb in cache["embs"].items():
@@ -135,9 +153,11 @@ def run(ms: dict, source: str, count: int, layer: int, files: Any, colour: str, 
         xy = E.tsne_2d(x)
         sil = E.silhouette(x, labels) if len(set(labels)) > 1 and "?" not in labels else None
         names = cache["names"].get(spec)
-        preds = [names[p] if names and p < len(names) else str(p) for p in emb.predictions]
-        groups = labels if colour == "label" else preds
-        hover = [f"{lb} → {pr}" for lb, pr in zip(labels, preds)]
+        headless = bool(len(emb.predictions)) and int(emb.predictions.max()) < 0  # no classifier head
+        preds = [shown(names[p]) if names and 0 <= p < len(names) else str(p) for p in emb.predictions]
+        shown_labels = [shown(lb) for lb in labels]
+        groups = shown_labels if colour == "label" or headless else preds
+        hover = shown_labels if headless else [f"{lb} → {pr}" for lb, pr in zip(shown_labels, preds)]
         panels.append({"title": t(lang, "tsne_panel", name=spec, layer=li,
                                   sil="—" if sil is None else f"{sil:.2f}"),
                        "xy": xy, "groups": groups, "hover": hover, "thumbs": cache["thumbs"]})

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from .. import zoo
+from ..errors import ExplorerError
 from . import handlers as H
 from .i18n import LANG_CHOICES, t
 
@@ -129,14 +130,19 @@ def create_sidebar(ui: UI) -> None:
                           height=260, elem_id="image"), label="image")
     shapes = H.examples("shapes")
     photos = H.examples("photos")
-    one_each = [next(p for p in shapes if f"/{c}/" in p) for c in sorted({Path(p).parent.name for p in shapes})]
-    # gr.Examples' own label cannot change language: a translatable heading stands above each
+    try:
+        default = zoo.load_model(ui.default_model) if shapes else None
+    except ExplorerError:  # a timm default without the hub: the gallery takes each class's first
+        default = None
+    one_each = H.one_example_per_class(shapes, default)
+    # gr.Examples' own label cannot change language (an empty one shows Gradio's "Examples", in the
+    # browser's language): a translatable heading stands above each, and style.css hides theirs
     if shapes:
         T(gr.Markdown(t("en", "examples_shapes_md")), value="examples_shapes_md")
-        ui.ex_shapes = gr.Examples(one_each, inputs=[ui.image], label="", examples_per_page=8)
+        ui.ex_shapes = gr.Examples(one_each, inputs=[ui.image], label="", examples_per_page=8, elem_id="ex_shapes")
     if photos:
         T(gr.Markdown(t("en", "examples_photos_md")), value="examples_photos_md")
-        ui.ex_photos = gr.Examples(photos, inputs=[ui.image], label="")
+        ui.ex_photos = gr.Examples(photos, inputs=[ui.image], label="", elem_id="ex_photos")
     ui.pred = T(gr.Label(num_top_classes=5, elem_id="prediction"), label="prediction")
     ui.notes = gr.Markdown(elem_id="notes")
 
@@ -156,7 +162,7 @@ def create_attention_tab(ui: UI) -> None:
                 ui.fusion = T(gr.Radio(_choices("en", "fusion"), value="mean", elem_id="fusion"), label="fusion",
                               choices="fusion")
                 ui.discard = T(gr.Slider(0, 0.95, value=0.0, step=0.05, elem_id="discard"), label="discard")
-                ui.start_layer = T(gr.Slider(0, 11, value=0, step=1, elem_id="start_layer"), label="start_layer")
+                ui.start_layer = T(gr.Slider(1, 12, value=1, step=1, elem_id="start_layer"), label="start_layer")
                 ui.opacity = T(gr.Slider(0, 1, value=0.55, step=0.05, elem_id="opacity"), label="opacity")
                 ui.show_mask = T(gr.Checkbox(value=True, elem_id="show_mask"), label="show_mask")
                 ui.query = T(gr.Number(value=None, precision=0, elem_id="query"), label="query", info="query_info")
@@ -168,7 +174,7 @@ def create_attention_tab(ui: UI) -> None:
             ui.inner_img = gr.Image(type="numpy", interactive=False, show_label=False, height=220, elem_id="inner")
             with gr.Column():
                 ui.inner_md = gr.Markdown()
-                ui.inner_layer = T(gr.Slider(0, 11, value=0, step=1, elem_id="inner_layer"), label="inner_layer")
+                ui.inner_layer = T(gr.Slider(1, 12, value=1, step=1, elem_id="inner_layer"), label="inner_layer")
 
 
 def create_patches_tab(ui: UI) -> None:

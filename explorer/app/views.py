@@ -51,7 +51,9 @@ def token_name(lang: str, exp: Explanation, token: int) -> str:
             return t(lang, "token_distillation")
         return t(lang, "token_register", i=lay.prefix_roles[:token].count("reg") + 1)
     r, c = lay.patch_of_token(token)  # type: ignore[misc]
-    return t(lang, "token_patch", index=token - lay.num_prefix, r=r, c=c)
+    # the token index is the number the patches view writes on the patch and the query box takes;
+    # rows and columns are counted from 1, as people count them ("第 1 行")
+    return t(lang, "token_patch", token=token, r=r + 1, c=c + 1)
 
 
 #: the longest side of the image the attention tab shows. The view is 460 px tall and full screen on
@@ -107,7 +109,7 @@ def rollout_view(s: Session, lang: str, *, fusion: str, discard: float, start_la
     patch = exp.layout.patch_of_token(q)
     if patch is not None:
         img = overlay.mark_patch(img, exp.layout.grid, q - exp.layout.num_prefix, box=box, copy=False)
-    caption = [f"**{t(lang, 'rollout_title')}** · {t(lang, 'query')}: {token_name(lang, exp, q)}"]
+    caption = [f"**{t(lang, 'rollout_title')}** · {t(lang, 'query')}{t(lang, 'colon')}{token_name(lang, exp, q)}"]
     if s.mask is not None:
         stats = analysis.mass_on(object_patches(s.mask, exp.box, exp.layout), pmap)
         if show_mask:
@@ -153,7 +155,8 @@ def layer_head_figure(s: Session, lang: str):
     return figures.layer_head_grid(maps, title=t(lang, "layer_head_title", query=token_name(lang, exp, q)),
                                    layer_label=t(lang, "layer"), head_label=t(lang, "head"),
                                    value_label=t(lang, "weight"), row_label=t(lang, "pos_row"),
-                                   col_label=t(lang, "pos_col"))
+                                   col_label=t(lang, "pos_col"), token_label=t(lang, "token"),
+                                   first_token=exp.layout.num_prefix)
 
 
 def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, str]:
@@ -164,7 +167,11 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
         return None, ""
     q = s.query_token()
     lay = exp.layout
-    patch = q - lay.num_prefix if q >= lay.num_prefix else lay.token_of_patch(lay.grid[0] // 2, lay.grid[1] // 2) - lay.num_prefix
+    if q >= lay.num_prefix:
+        patch = q - lay.num_prefix
+    else:  # a prefix token has no patch: look inside the patch its rollout reaches most
+        row = exp.rollout_row(q, analysis.RolloutOptions())
+        patch = int(np.argmax(row[lay.num_prefix:]))
     layer = int(min(max(layer, 0), exp.num_layers - 1))
     m = analysis.inner_map(exp.inner_attention, patch, layer)
     r, c = divmod(patch, lay.grid[1])
@@ -173,7 +180,10 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
     big = overlay.upscale_nearest(crop_patch, 192)
     img = overlay.overlay(big, m, alpha=0.55, smooth=False)
     img = overlay.patch_grid(img, m.shape, labels=False, colour=(255, 255, 255))
-    return img, t(lang, "inner_title", patch=patch, layer=layer)
+    wr, wc = m.shape
+    word = f"{ph // wr}×{pw // wc}" if ph % wr == 0 and pw % wc == 0 else f"{ph / wr:g}×{pw / wc:g}"
+    title = t(lang, "inner_title", token=patch + lay.num_prefix, layer=layer + 1, n=wr * wc, word=word)
+    return img, f"{title}\n\n{t(lang, 'howto_inner')}"
 
 
 # ----------------------------------------------------------------------------- patches
@@ -191,17 +201,28 @@ def patches_view(s: Session, lang: str, kernel: int, stride: int) -> tuple[np.nd
     D = exp.tokens.shape[-1]
     prefix = ", ".join(token_name(lang, exp, i) for i in range(lay.num_prefix))
     pipe = [
-        f"{t(lang, 'pipe_image')}: `{h} × {w} × 3`",
-        f"{t(lang, 'pipe_patches')}: `{lay.grid[0]} × {lay.grid[1]} = {lay.num_patches}` × `{ph}·{pw}·3 = {ph * pw * 3}`",
-        f"{t(lang, 'pipe_tokens')}: `{lay.num_patches} × {D}`",
+        f"{t(lang, 'pipe_image')}{t(lang, 'colon')}`{h} × {w} × 3`",
+        t(lang, "pipe_patches", rows=lay.grid[0], cols=lay.grid[1], n=lay.num_patches, ph=ph, pw=pw,
+          vals=ph * pw * 3) + f"{t(lang, 'colon')}`{lay.num_patches} × {ph * pw * 3}`",
+        f"{t(lang, 'pipe_tokens')}{t(lang, 'colon')}`{lay.num_patches} × {D}`",
     ]
     if lay.num_prefix:
-        pipe.append(t(lang, "pipe_cls", prefix=prefix) + f": `{lay.num_tokens} × {D}`")
-    pipe.append(t(lang, "pipe_blocks", L=exp.num_layers) + f": `{lay.num_tokens} × {D}`")
-    shapes_md = f"**{t(lang, 'shapes_pipeline')}**\n\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(pipe))
+        pipe.append(t(lang, "pipe_cls", prefix=prefix) + f"{t(lang, 'colon')}`{lay.num_tokens} × {D}`")
+    pipe.append(t(lang, "pipe_blocks", L=exp.num_layers) + f"{t(lang, 'colon')}`{lay.num_tokens} × {D}`")
+    shapes_md = (f"**{t(lang, 'shapes_pipeline')}**\n\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(pipe))
+                 + "\n\n" + t(lang, "grid_note", prefix=_grid_prefix_note(lang, lay)))
     size = max(h, w) if h == w else h
     text, fig = overlap_calculator(lang, size, int(kernel), int(stride))
     return grid_img, shapes_md, fig, text
+
+
+def _grid_prefix_note(lang: str, lay) -> str:
+    """Why the patches view's numbers do not start at 0."""
+    if not lay.num_prefix:
+        return ""
+    if lay.num_prefix == 1 and lay.prefix_roles[0] == "cls":
+        return t(lang, "grid_note_cls")
+    return t(lang, "grid_note_prefix", last=lay.num_prefix - 1, n=lay.num_prefix)
 
 
 def overlap_calculator(lang: str, size: int, kernel: int, stride: int):
@@ -270,7 +291,8 @@ def distance_view(s: Session, lang: str):
     fig = figures.distance_plot(
         mad, rf, dist.conv_mean_distance(L), dist.uniform_distance(lay), title=t(lang, "mad_title"),
         x_label=t(lang, "mad_x"), y_label=t(lang, "mad_y"), head_label=t(lang, "head"),
-        rf_label=t(lang, "mad_rf"), conv_mad_label=t(lang, "mad_conv"), uniform_label=t(lang, "mad_uniform"))
+        rf_label=t(lang, "mad_rf"), conv_mad_label=t(lang, "mad_conv"), uniform_label=t(lang, "mad_uniform"),
+        layer_label=t(lang, "layer"), px_label=t(lang, "px"))
     text = t(lang, "mad_summary", lo=float(mad[0].min()), hi=float(mad[0].max()), L=L, rf=int(rf[-1]),
              size=lay.input_size[1])
     return fig, text
@@ -279,14 +301,43 @@ def distance_view(s: Session, lang: str):
 # ----------------------------------------------------------------------------- model card
 
 
+REFERENCE_MODEL = "vit_base_patch16_224"
+
+
+def reference_facts() -> Any:
+    """ViT-Base/16's figures (the paper's Table 1 row), read from timm's own architecture built on
+    the meta device: no weights, no download, 0.1 s, kept once made."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        import timm
+        import torch
+
+        from ..families import model_facts
+
+        with torch.device("meta"):
+            _REFERENCE = model_facts(timm.create_model(REFERENCE_MODEL, pretrained=False))
+    return _REFERENCE
+
+
+_REFERENCE = None
+
+
+def _card_row(lang: str, name: str, f: Any) -> str:
+    p = f"{f.patch_size[0]}" if f.patch_size[0] == f.patch_size[1] else f"{f.patch_size[0]}×{f.patch_size[1]}"
+    return t(lang, "card_row", name=name, p=p, L=f.layers, D=f.width, mlp=f.mlp_size, H=f.heads,
+             params=f.params_text(), T=f.tokens)
+
+
 def model_card(loaded: Any, lang: str) -> str:
     f = loaded.facts
-    p = f"{f.patch_size[0]}" if f.patch_size[0] == f.patch_size[1] else f"{f.patch_size[0]}×{f.patch_size[1]}"
-    rows = [t(lang, "card_header"),
-            t(lang, "card_row", name=loaded.name, p=p, L=f.layers, D=f.width, mlp=f.mlp_size, H=f.heads,
-              params=f.params_text(), T=f.tokens),
-            t(lang, "card_ref")]
-    names = {"cls": t(lang, "token_class"), "dist": t(lang, "token_distillation"), "reg": "register"}
+    howto = t(lang, "howto_model") + " " + t(lang, "howto_model_bundled" if loaded.source == "bundled"
+                                            else "howto_model_other")
+    rows = [howto, "", t(lang, "card_header"), _card_row(lang, f"**{loaded.name}**", f)]
+    try:
+        rows.append(_card_row(lang, t(lang, "card_ref_name", arch=REFERENCE_MODEL), reference_facts()))
+    except Exception:  # noqa: BLE001 - a timm without this architecture: the card goes without the row
+        pass
+    names = {"cls": t(lang, "token_class"), "dist": t(lang, "token_distillation"), "reg": t(lang, "token_registers")}
     if f.prefix_roles:
         counts: dict[str, int] = {}
         for r in f.prefix_roles:

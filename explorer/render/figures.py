@@ -157,9 +157,12 @@ def tile(stack: np.ndarray, gap: int = 1) -> np.ndarray:
 
 
 def layer_head_grid(maps: np.ndarray, *, title: str, layer_label: str, head_label: str,
-                    value_label: str, row_label: str = "row", col_label: str = "col") -> go.Figure:
+                    value_label: str, row_label: str = "row", col_label: str = "col",
+                    token_label: str = "token", first_token: int = 0) -> go.Figure:
     """(L, H, rows, cols) attention maps as an L×H grid of tiles, each scaled to its own maximum;
-    hover shows layer, head, the patch (index, row, column) and the raw attention weight.
+    hover shows layer, head, the patch (its token index, row, column) and the raw attention weight.
+    Layers, heads, rows and columns are counted from 1; the token index is the sequence position
+    (``first_token`` for the top-left patch: the number of prefix tokens).
 
     The axes are categories named after the layer and row (y) and the head and column (x), so the
     hover data per cell is two float32 numbers, patch and weight: at 1370 tokens the JSON sent on
@@ -169,21 +172,22 @@ def layer_head_grid(maps: np.ndarray, *, title: str, layer_label: str, head_labe
     z = tile(maps / np.maximum(peak, 1e-12))
     raw = tile(maps)
     gap = 1
-    patch = tile(np.broadcast_to(np.arange(rows * cols, dtype=np.float32).reshape(rows, cols), maps.shape))
+    patch = tile(np.broadcast_to(np.arange(first_token, first_token + rows * cols, dtype=np.float32)
+                                 .reshape(rows, cols), maps.shape))
     custom = np.stack([np.nan_to_num(patch, nan=-1), np.nan_to_num(raw, nan=-1)], -1).astype(np.float32)
     # category names must be unique: a gap between tiles is named by a run of spaces
-    ys = [f"{layer_label} {i // (rows + gap)} · {row_label} {i % (rows + gap)}" if i % (rows + gap) < rows
+    ys = [f"{layer_label} {i // (rows + gap) + 1} · {row_label} {i % (rows + gap) + 1}" if i % (rows + gap) < rows
           else " " * (i // (rows + gap) + 1) for i in range(z.shape[0])]
-    xs = [f"{head_label} {j // (cols + gap)} · {col_label} {j % (cols + gap)}" if j % (cols + gap) < cols
+    xs = [f"{head_label} {j // (cols + gap) + 1} · {col_label} {j % (cols + gap) + 1}" if j % (cols + gap) < cols
           else " " * (j // (cols + gap) + 1) for j in range(z.shape[1])]
     heat = dict(type="heatmap", z=z, x=xs, y=ys, customdata=custom, colorscale="Inferno", showscale=False,
                 hoverongaps=False,
-                hovertemplate=(f"%{{y}} · %{{x}}<br>patch %{{customdata[0]}}: {value_label} "
+                hovertemplate=(f"%{{y}} · %{{x}}<br>{token_label} %{{customdata[0]}}: {value_label} "
                                f"%{{customdata[1]:.4f}}<extra></extra>"))
     xaxis = {**_TILE_X, "type": "category", "tickvals": [j * (cols + gap) + (cols - 1) / 2 for j in range(H)],
-             "ticktext": [f"{head_label} {j}" for j in range(H)], "showticklabels": True, "side": "top"}
+             "ticktext": [f"{head_label} {j + 1}" for j in range(H)], "showticklabels": True, "side": "top"}
     yaxis = {**_TILE_Y, "type": "category", "tickvals": [i * (rows + gap) + (rows - 1) / 2 for i in range(L)],
-             "ticktext": [f"{layer_label} {i}" for i in range(L)], "showticklabels": True, "scaleratio": 1}
+             "ticktext": [f"{layer_label} {i + 1}" for i in range(L)], "showticklabels": True, "scaleratio": 1}
     return _figure([heat], title, max(420, min(1100, 90 + L * 95)), xaxis=xaxis, yaxis=yaxis)
 
 
@@ -205,7 +209,7 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
         for i, r in enumerate(rs):
             for j, c in enumerate(cs):
                 sl = np.s_[i * (rows + 1):i * (rows + 1) + rows, j * (cols + 1):j * (cols + 1) + cols]
-                rr[sl], cc[sl] = r, c
+                rr[sl], cc[sl] = r + 1, c + 1  # counted from 1, as in the other views
         blocks.append(z)
         rr_all.append(rr)
         cc_all.append(cc)
@@ -251,13 +255,15 @@ def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str, per_
 
 def distance_plot(mad: np.ndarray, conv_rf: np.ndarray, conv_mad: np.ndarray, uniform: float, *,
                   title: str, x_label: str, y_label: str, head_label: str, rf_label: str,
-                  conv_mad_label: str, uniform_label: str) -> go.Figure:
+                  conv_mad_label: str, uniform_label: str, layer_label: str = "layer",
+                  px_label: str = "px") -> go.Figure:
     """Mean attention distance of every head against depth (ViT Fig. 7 right), with the receptive
     field of stacked 3×3 convolutions on the same axes."""
     L, H = mad.shape
     data = [dict(type="scatter", x=np.arange(1, L + 1) + (h - (H - 1) / 2) * 0.04, y=mad[:, h], mode="markers",
-                 name=f"{head_label} {h}", marker=dict(size=9, color=PALETTE[h % len(PALETTE)], opacity=0.85),
-                 hovertemplate=f"{head_label} {h}, %{{x:.0f}}: %{{y:.1f}} px<extra></extra>") for h in range(H)]
+                 name=f"{head_label} {h + 1}", marker=dict(size=9, color=PALETTE[h % len(PALETTE)], opacity=0.85),
+                 hovertemplate=f"{head_label} {h + 1}, {layer_label} %{{x:.0f}}: %{{y:.1f}} {px_label}<extra></extra>")
+            for h in range(H)]
     depth = np.arange(1, len(conv_rf) + 1)
     data.append(dict(type="scatter", x=depth, y=conv_rf, mode="lines+markers", name=rf_label,
                      line=dict(color="black", dash="dot"), marker=dict(symbol="square", size=6)))
