@@ -38,6 +38,10 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"I
 # reading the header and before any pixel is decoded, and says so in the user's language.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+#: The formats decode() opens (a camera's multi-picture JPEG opens as JPEG). Pillow knows more, and
+#: some do work while opening, before the declared size can be checked: an ICO decodes the PNG it
+#: holds (119 KB declaring 30000×30000 allocated 860 MB before it was refused); EPS runs Ghostscript.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 @dataclass
@@ -142,7 +146,7 @@ def decode(source: Any, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:
                 f"The file is {len(data) / 2**20:.0f} MB; images up to {MAX_FILE_BYTES // 2**20} MB are accepted.",
                 code="file_too_large", mb=round(len(data) / 2**20), limit=MAX_FILE_BYTES // 2**20)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
             if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
                 raise ImageError("The image file is damaged or cut short: it starts like an image but its "
@@ -175,7 +179,7 @@ def decode(source: Any, *, max_pixels: int = MAX_PIXELS) -> DecodedImage:
         raise ImageError(
             f"The image file is damaged or cut short ({err}). Re-export it and upload it again.",
             code="damaged") from None
-    if upright is not img and upright.size != img.size or _exif_orientation(img) not in (None, 1):
+    if upright is not img and upright.size != img.size or _exif_orientation(img) in range(2, 9):
         notes.append(("exif_rotated", {"orientation": _exif_orientation(img)}))
     return DecodedImage(_to_rgb(upright, notes), fmt, notes)
 

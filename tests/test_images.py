@@ -81,6 +81,28 @@ def test_decompression_bomb_refused_before_decoding(make, tmp_path):
     assert grown_mb < 200  # decoding would need 1.2 GB
 
 
+def _ico_holding(png: bytes, declared: int = 0) -> bytes:
+    """An ICO file whose one entry is ``png`` (ICO entries may be whole PNG files)."""
+    entry = struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def test_icon_holding_a_bomb_is_refused_without_decoding_it():
+    """Pillow's ICO reader decodes the PNG inside an icon while opening it, before the declared size
+    can be checked: a 30000×30000 PNG inside an icon took 860 MB. decode() opens only the formats
+    it names, so an icon is refused as a format it does not read, at once and without the memory."""
+    bomb = _ico_holding(_png_declaring(30000, 30000))
+    assert len(bomb) < 2000
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    assert _code(bomb) == "not_image"
+    assert time.perf_counter() - t0 < 0.5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024 < 200
+    # an ordinary icon is refused the same way, with the list of formats that are read
+    with pytest.raises(ImageError, match="PNG, JPEG, GIF, BMP, TIFF or WebP"):
+        decode(_ico_holding(_png(Image.new("RGB", (16, 16))), 16))
+
+
 def test_max_pixels_is_a_parameter():
     data = _png(Image.new("RGB", (100, 100)))
     assert _code(data, max_pixels=9999) == "image_too_large"
@@ -302,6 +324,14 @@ def test_exif_rotated_jpeg_comes_out_upright(orientation, top, bottom):
         assert np.abs(d.array[5, 10].astype(int) - colour[top]).max() < 20
         assert np.abs(d.array[35, 10].astype(int) - colour[bottom]).max() < 20
     assert ("exif_rotated", {"orientation": orientation}) in d.notes
+
+
+def test_invalid_exif_orientation_gets_no_rotation_note():
+    """Orientation 9 is not a valid EXIF value: nothing is rotated, so nothing is said."""
+    exif = Image.Exif()
+    exif[0x0112] = 9
+    d = decode(_jpeg(Image.new("RGB", (40, 20), (0, 128, 0)), exif=exif.tobytes()))
+    assert d.array.shape == (20, 40, 3) and d.notes == []
 
 
 def test_no_exif_no_rotation_note():
