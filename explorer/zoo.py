@@ -237,6 +237,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path.name}: checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}.",
             code="checkpoint_suffix", name=path.name)
+    _check_expansion(path, size)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -258,6 +259,33 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path.name} could not be read: it looks truncated or is not a checkpoint "
             f"({type(err).__name__}: {str(err)[:160]}).", code="checkpoint_damaged", name=path.name) from None
     return _flatten_state_dict(obj, path.name)
+
+
+#: A zip checkpoint (torch.save's format) may expand at most this many times its size when its
+#: entries are compressed; torch.save itself stores them uncompressed (about 1×).
+MAX_EXPANSION = 8
+
+
+def _check_expansion(path: Path, size: int) -> None:
+    """Refuse a zip checkpoint whose entries would expand past the size limit, or far past the
+    file's own size, before torch inflates them in memory: torch.load reads deflated entries too,
+    and a 1-MB file of zeros took 1 GiB (a 50-MB upload would have taken tens of GB)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            expanded = sum(max(0, info.file_size) for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load will say the file is damaged
+    if expanded > MAX_CHECKPOINT_BYTES or (expanded > 64 * 2**20 and expanded > MAX_EXPANSION * size):
+        raise CheckpointError(
+            f"{path.name} would expand to {expanded / 2**20:,.0f} MB in memory from a {size / 2**20:,.1f}-MB "
+            f"file (compressed entries); checkpoints as torch.save writes them are not compressed. "
+            f"Save it again with torch.save or as .safetensors.",
+            code="checkpoint_too_large", reason="expands", name=path.name, mb=round(expanded / 2**20),
+            file_mb=round(size / 2**20, 1))
 
 
 def _flatten_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:

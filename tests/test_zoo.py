@@ -341,6 +341,29 @@ def test_checkpoint_missing_and_bad_suffix(tmp_path):
     assert ei.value.code == "checkpoint_suffix"
 
 
+def test_compressed_checkpoint_is_refused_before_it_expands(tmp_path):
+    """torch.load inflates deflated zip entries: a 100-MB tensor of zeros rewritten with compression
+    is a file of about 100 KB. It is refused from the zip's directory, before anything is
+    inflated; the same weights as torch.save writes them (stored) load."""
+    import resource
+    import zipfile
+
+    stored = tmp_path / "zeros.pth"
+    torch.save({"blob": torch.zeros(25 * 2**20)}, stored)  # 100 MB, stored uncompressed
+    packed = tmp_path / "packed.pth"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert packed.stat().st_size < 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError) as ei:
+        zoo.read_checkpoint(packed)
+    assert ei.value.code == "checkpoint_too_large" and ei.value.params["reason"] == "expands"
+    assert ei.value.params["mb"] == 100 and "would expand to 100 MB" in str(ei.value)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < 50  # nothing inflated
+    assert zoo.read_checkpoint(stored)["blob"].shape == (25 * 2**20,)
+
+
 def test_checkpoint_without_tensors(tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
     with pytest.raises(CheckpointError) as ei:
