@@ -196,6 +196,27 @@ def test_language_switch_translates_everything(client):
     assert "类别 token" in texts and "图像块" in texts and "怎么看" in texts
 
 
+def test_new_model_without_an_image_clears_the_old_explanation(client):
+    """Loading another model with the image box empty: the views no longer show the previous model's
+    explanation (its overlay under the new model's name), and the language switch, which redraws
+    the views, does not mix the old explanation with the new model (it failed: TNT has no
+    patch_embed)."""
+    explain(client, example("square"))
+    c = CONTROLS
+    out = client.predict("classroom-tnt", None, "", None, "en", c["fusion"], c["discard"], c["start_layer"],
+                         c["opacity"], c["show_mask"], 1, 8, 8, api_name="/load_model")
+    v = dict(zip(VIEWS, out[6:]))
+    assert v["overlay"] is None and v["caption"] == "" and v["layer_head"] is None and not v["pred"]
+    texts = all_text(client.predict("zh-CN", "mean", 0.0, 1, 0.55, True, 1, 8, 8, api_name="/set_language"))
+    assert "已加载 **classroom-tnt**（内置）" in texts and "圆形、正方形" in texts
+    # with an image in the box, loading explains it again with the new model
+    out = client.predict("classroom-vit", None, "", handle_file(str(example("square"))), "en", c["fusion"],
+                         c["discard"], c["start_layer"], c["opacity"], c["show_mask"], 1, 8, 8,
+                         api_name="/load_model")
+    v = dict(zip(VIEWS, out[6:]))
+    assert v["overlay"] is not None and "class token" in v["caption"]
+
+
 def test_tsne_side_by_side_with_silhouette(client):
     fig, text = client.predict("bundled", 5, 6, [], "label", True, "en", api_name="/tsne")
     assert "40 images" in text

@@ -168,6 +168,16 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                     ui.tsne_layer: gr.update(maximum=L, value=L)})
         return out
 
+    def cleared_views() -> dict:
+        """Every view empty: after a new model was loaded with no image to explain."""
+        out: dict = {c: None for c in (ui.overlay, ui.layer_head, ui.inner_img, ui.grid_img, ui.cost, ui.pos_plot,
+                                       ui.mad_plot, ui.pred, ui.query)}
+        out.update({c: "" for c in (ui.caption, ui.inner_md, ui.pipeline, ui.conv_note, ui.overlap, ui.pos_md,
+                                    ui.mad_md, ui.notes)})
+        out[ui.inner_row] = gr.update(visible=False)
+        out[ui.pixel_plot] = gr.update(value=None, visible=False)
+        return out
+
     def model_views(ms: dict, lang: str, status: str) -> dict:
         loaded = _loaded(ms)
         return {ui.card: views.model_card(loaded, lang), ui.curve: views.learning_curve_figure(loaded, lang),
@@ -210,18 +220,24 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         out[model_state] = new_ms
         out[ui.kernel] = gr.update(value=loaded.facts.patch_size[0], maximum=max(32, loaded.facts.patch_size[0]))
         out[ui.stride] = gr.update(value=loaded.facts.patch_size[0], maximum=max(32, loaded.facts.patch_size[0]))
-        if path and s.exp is not None:
+        if path or s.exp is not None:  # explain the image in the box with the new model, or clear the views
+            new = None
             try:
-                new = H.explain_file(loaded, path, lang, new_ms["spec"])
-                ps = loaded.facts.patch_size[0]
-                out.update(everything(new, lang, new_ms, [fusion, discard, start_layer, opacity, show_mask],
-                                      inner_layer, ps, ps))
-                out[state] = new
+                if path:
+                    new = H.explain_file(loaded, path, lang, new_ms["spec"])
+                    ps = loaded.facts.patch_size[0]
+                    out.update(everything(new, lang, new_ms, [fusion, discard, start_layer, opacity, show_mask],
+                                          inner_layer, ps, ps))
             except (H.UserError, ExplorerError) as e:
+                new = None
                 gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
             except Exception:
+                new = None
                 log.exception("unexpected error explaining after load_model")
                 gr.Warning(t(lang, "internal_error"))
+            if new is None:  # no image in the box (or it failed): nothing of the old model stays shown
+                out.update(cleared_views())
+            out[state] = new if new is not None else views.Session()
         trim_memory()  # the model evicted from the cache and the last explanation are garbage now
         return out
 
@@ -311,7 +327,7 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     def on_lang(lang, s, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
         out = dict(zip(text_comps, ui.T.updates(lang)))
         merge(out, model_views(ms, lang, H.status_text(_loaded(ms), lang)))
-        if s.exp is not None:
+        if s.exp is not None and s.model == ms.get("spec"):  # (an explanation of this model)
             merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask], inner_layer,
                                   kernel, stride))
         return out
