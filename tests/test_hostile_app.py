@@ -437,3 +437,26 @@ def test_server_folders_can_be_closed_to_visitors(monkeypatch, tmp_path, env, al
         text = str(ei.value)
         assert (t(lang, "local_dir_off") in text) != allowed
         assert "classroom-vit" in text
+
+
+def test_inline_images_are_left_to_gradios_cache_cleaner(tmp_path, monkeypatch):
+    """An image sent inline (a data: URL) is written to the cache as it came; it is registered with
+    the app's temp files, so the cleaner behind ``delete_cache`` removes it like any upload
+    (unregistered, a script could fill the disk at the request rate)."""
+    import base64
+
+    import gradio as gr
+    from gradio.data_classes import FileData
+    from gradio.route_utils import delete_files_created_by_app
+
+    from explorer.app.ui import UploadedImage
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    with gr.Blocks() as demo:
+        comp = UploadedImage(type="filepath")
+    comp.GRADIO_CACHE = str(tmp_path)
+    data = b"not an image at all " * 1000
+    path = comp.preprocess(FileData(url="data:image/png;base64," + base64.b64encode(data).decode(), path=""))
+    assert open(path, "rb").read() == data and path in comp.temp_files
+    delete_files_created_by_app(demo, None)
+    assert not os.path.exists(path)

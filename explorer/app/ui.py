@@ -95,6 +95,9 @@ class UploadedImage(gr.Image):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "inline-image"
         path.write_bytes(data)
+        # registered like Gradio's own uploads, so its cache cleaner (delete_cache) removes it too:
+        # unregistered, every inline request left its bytes on disk for as long as the server ran
+        self.temp_files.add(str(path))
         return str(path)
 
 
