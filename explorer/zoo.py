@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -459,6 +460,10 @@ def _build(spec: str, pretrained: bool, ck: Path | None, labels: list[str] | Non
         return _finish(_from_local_dir(folder, pretrained, kwargs), spec, "local-dir", labels)
     if spec.startswith(("hf-hub:", "hf_hub:")):
         repo = spec.split(":", 1)[1]
+        if not _HF_REPO.fullmatch(repo) or ".." in repo or "--" in repo:
+            raise ModelSourceError(f"'{repo}' is not a Hugging Face model repo: write hf-hub:owner/name "
+                                   "(letters, digits, '-', '_' and '.', at most 96 characters each).",
+                                   code="bad_repo", name=repo[:100])
         if ck is not None:
             raise ModelSourceError("Give either an hf-hub: repo or a checkpoint file with an architecture "
                                    "name, not both.", code="bad_combination")
@@ -486,7 +491,10 @@ def _build(spec: str, pretrained: bool, ck: Path | None, labels: list[str] | Non
         return _finish(model, f"{spec} + {ck.name}", "checkpoint", labels)
 
     if pretrained:
-        cfg = timm.models.get_pretrained_cfg(spec)
+        try:
+            cfg = timm.models.get_pretrained_cfg(spec)
+        except RuntimeError:  # "Invalid pretrained tag (no_such_tag) for vit_base_patch16_224."
+            cfg = None
         repo = getattr(cfg, "hf_hub_id", None) if cfg else None
         if cfg is None or not (repo or getattr(cfg, "url", None) or getattr(cfg, "file", None)):
             raise ModelSourceError(
@@ -507,6 +515,11 @@ def _build(spec: str, pretrained: bool, ck: Path | None, labels: list[str] | Non
                                code="build_failed", name=spec) from err
     families.family_of(model)  # raises for anything timm built that we cannot capture
     return _finish(model, spec, "timm" if pretrained else "random", labels)
+
+
+#: A Hugging Face repo id: owner/name, each 1-96 of letters, digits, "-", "_" and "." (the hub's own
+#: rule, which huggingface_hub enforces with an exception of its own that would reach the user raw).
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 def _from_local_dir(folder: Path, pretrained: bool, kwargs: dict) -> nn.Module:

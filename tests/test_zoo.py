@@ -378,6 +378,23 @@ def test_checkpoint_without_tensors(tmp_path):
 # ----------------------------------------------------------------------------- names
 
 
+@pytest.mark.parametrize("spec", ["hf-hub:../../etc/passwd", "hf-hub:a b", "hf-hub:org/repo/extra", "hf-hub:",
+                                  "hf-hub:" + "a" * 97 + "/b", "hf_hub:org--x/y", "hf-hub:org/re..po"])
+def test_malformed_hub_repo_gets_its_own_message(spec):
+    """huggingface_hub refuses a malformed repo id with an exception of its own, which reached the
+    user as "something went wrong"; the explorer checks the id first and says what one looks like."""
+    with pytest.raises(ModelSourceError) as ei:
+        zoo.load_model(spec)
+    assert ei.value.code == "bad_repo" and "hf-hub:owner/name" in str(ei.value)
+
+
+@pytest.mark.parametrize("spec", ["vit_tiny_patch16_224.no_such_tag", "vit_tiny_patch16_224."])
+def test_unknown_weights_tag_is_a_missing_pretrained_weights_message(spec):
+    with pytest.raises(ModelSourceError) as ei:
+        zoo.load_model(spec)
+    assert ei.value.code == "no_pretrained" and "has no pretrained weights" in str(ei.value)
+
+
 def test_unknown_model_with_suggestion():
     with pytest.raises(ModelSourceError) as ei:
         explorer.load_model("vit_tinny_patch16_224", pretrained=False)

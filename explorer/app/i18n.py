@@ -385,6 +385,7 @@ ERRORS_ZH: dict[str, str] = {
     "bad_option": "选项 {name} 的值超出允许范围。",
     "bad_shape": "注意力数组的形状不对。",
     "checkpoint_needs_arch": "检查点文件需要与之对应的 timm 架构名，但 “{name}” 是自带权重的模型。请在架构框中输入架构名（例如 vit_small_patch16_224）。",
+    "bad_repo": "“{name}” 不是 Hugging Face 模型仓库名：请写成 hf-hub:所有者/名称（字母、数字、'-'、'_' 和 '.'，各不超过 96 个字符）。",
     "hub_failed": "无法从模型库加载 {what}。请检查仓库名，或改用内置模型、'local-dir:文件夹' 或检查点文件。",
     "layout": "模型输出的 token 数与预期的布局不符，无法显示注意力。",
     "no_config": "文件夹 {path} 中没有 config.json：local-dir 模型是一个包含 config.json 和 model.safetensors 的文件夹（timm 的 save_for_hf 格式）。",
