@@ -108,6 +108,15 @@ class _Cache:
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
 
+    def latest(self, match: Any) -> LoadedModel | None:
+        """The most recently used model whose key satisfies ``match(key)``."""
+        with self.lock:
+            for key in reversed(self.items):
+                if match(key):
+                    self.items.move_to_end(key)
+                    return self.items[key]
+        return None
+
     def clear(self) -> None:
         with self.lock:
             self.items.clear()
@@ -423,6 +432,12 @@ def load_model(spec: str, *, pretrained: bool = True, checkpoint: str | os.PathL
     key = (spec, pretrained, ck_id, tuple(label_names or ()), tuple(sorted(model_kwargs.items())))
     if use_cache:
         hit = CACHE.get(key)
+        if hit is None and ck is not None and ck_id is None:
+            # the file is gone (a server's upload cache removes uploads after an hour), but the
+            # model built from it at that path is still here: keep using it
+            where = str(ck.resolve())
+            hit = CACHE.latest(lambda k: k[0] == spec and k[1] == pretrained and k[2] is not None
+                               and k[2][0] == where and k[3:] == key[3:])
         if hit is not None:
             return hit
     t0 = time.perf_counter()

@@ -309,3 +309,29 @@ def test_display_image_is_made_once_per_image():
     s2 = dataclasses.replace(s, image=other)
     np.testing.assert_array_equal(display_image(s2)[::12, ::12], other)
     assert display_image(s) is first
+
+
+def test_light_events_turn_errors_into_messages(caplog):
+    """A slider, click, query or language event that fails says why in the user's language (a NaN
+    discard ratio sent by a script; a checkpoint file the upload cache removed, without the
+    server's path); anything unforeseen is logged and reported as an internal error. Gradio
+    showed a bare "Error" before."""
+    import gradio as gr
+
+    from explorer.app.i18n import error_text
+    from explorer.app.main import answered
+    from explorer.errors import CheckpointError, InputError
+
+    with pytest.raises(gr.Error, match=r"discard ratio must lie in \[0, 1\); got nan"):
+        with answered("en", "attention"):
+            raise InputError("discard ratio must lie in [0, 1); got nan", code="bad_option", name="discard")
+    with pytest.raises(gr.Error, match="选项 discard 的值超出允许范围"):
+        with answered("zh-CN", "attention"):
+            raise InputError("discard ratio must lie in [0, 1); got nan", code="bad_option", name="discard")
+    with pytest.raises(gr.Error) as ei:
+        with answered("zh-CN", "click"):
+            raise ZeroDivisionError("a bug")
+    assert "服务器仍在运行" in ei.value.message and "unexpected error in click" in caplog.text
+    gone = CheckpointError("No checkpoint file at /tmp/gradio/abc/ck.pth.", code="no_file", path="/tmp/gradio/abc")
+    assert "/tmp" not in error_text("en", gone) and "Upload it again" in error_text("en", gone)
+    assert "请重新上传" in error_text("zh-CN", gone)

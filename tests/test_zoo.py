@@ -522,6 +522,27 @@ def test_cache_key_tracks_checkpoint_file(tmp_path, clean_cache):
     _assert_same_weights(net2, b.model)
 
 
+def test_model_outlives_its_deleted_checkpoint_file(tmp_path, clean_cache):
+    """A server's upload cache deletes an uploaded checkpoint after an hour; the model built from it
+    is still in the cache and keeps answering (the newest one built from that path). Never built
+    or pushed out: the file's absence is reported."""
+    path = tmp_path / "ck.pth"
+    torch.save(_finetuned(seed=1).state_dict(), path)
+    a = explorer.load_model(ARCH, checkpoint=path, **SMALL)
+    net2 = _finetuned(seed=2)
+    torch.save(net2.state_dict(), path)
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    b = explorer.load_model(ARCH, checkpoint=path, **SMALL)
+    path.unlink()
+    assert explorer.load_model(ARCH, checkpoint=path, **SMALL) is b is not a
+    with pytest.raises(CheckpointError) as ei:  # other settings were never built from it
+        explorer.load_model(ARCH, checkpoint=path, img_size=64, depth=1)
+    assert ei.value.code == "no_file"
+    clean_cache.clear()
+    with pytest.raises(CheckpointError):
+        explorer.load_model(ARCH, checkpoint=path, **SMALL)
+
+
 # ----------------------------------------------------------------------------- families
 
 

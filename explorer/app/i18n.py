@@ -340,6 +340,13 @@ ZH: dict[str, str] = {
     "skip_not_image": "不是图像或 zip",
 }
 
+# English messages by ExplorerError.code where the library's own text (meant for a local user) would
+# show the server's details: a checkpoint uploaded more than an hour ago is removed by the upload
+# cache, and "No checkpoint file at /tmp/gradio/<hash>/..." told a visitor nothing useful.
+ERRORS_EN: dict[str, str] = {
+    "no_file": "The file is no longer on the server (uploads are removed after an hour). Upload it again.",
+}
+
 # Error messages by ExplorerError.code; English falls back to the exception's own text.
 ERRORS_ZH: dict[str, str] = {
     "image_too_large": "图像太大：{width}×{height} 像素；最多接受 {limit_mp} 百万像素。请缩小后重新上传。",
@@ -352,7 +359,7 @@ ERRORS_ZH: dict[str, str] = {
     "too_small": "图像只有 {width}×{height} 像素，比模型的一个 {patch}×{patch} 图像块还小。请上传更大的图像。",
     "extreme_aspect": "图像为 {width}×{height} 像素，长宽比超过 12:1；模型的中心裁剪只能看到其中一小条。请先裁剪得接近正方形。",
     "fixed_input_size": "该模型只接受固定尺寸的输入。",
-    "no_file": "找不到文件。",
+    "no_file": "服务器上已没有这个文件（上传的文件一小时后会被删除）。请重新上传。",
     "unknown_model": "“{name}” 不是 timm 的模型名。请使用 timm 的 ViT/DeiT/TNT 模型名、内置模型、'hf-hub:组织/仓库' 或 'local-dir:路径'。",
     "unsupported_family": "“{name}” 不属于本工具支持的模型族。支持：ViT、DeiT（含蒸馏版）、寄存器与 DINOv2 风格的 ViT，以及 TNT。",
     "hub_unreachable": "无法连接模型库，因此无法下载 {what} 的权重。离线时可以使用内置模型、'local-dir:文件夹'（config.json + model.safetensors），或检查点文件加架构名。",
@@ -412,6 +419,8 @@ def error_text(lang: str, err: BaseException) -> str:
                     return ERRORS_ZH[key].format(**params)
                 except (KeyError, IndexError, ValueError):
                     pass
+    elif code in ERRORS_EN:
+        return ERRORS_EN[code]
     return str(err)
 
 

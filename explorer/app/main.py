@@ -1,6 +1,7 @@
 """Build and launch the app: layout from :mod:`.ui`, handlers from :mod:`.handlers`, all wiring here."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,21 @@ def merge(out: dict, new: dict) -> dict:
 def _err(lang: str, e: BaseException) -> gr.Error:
     msg = str(e) if isinstance(e, H.UserError) else error_text(lang, e)
     return gr.Error(msg, title="⚠️", print_exception=False)
+
+
+@contextlib.contextmanager
+def answered(lang: str, what: str):
+    """Errors of a light event as messages: the explorer's own (a NaN discard ratio sent by a
+    script, a checkpoint file gone from the server) in the user's language, anything else logged
+    and reported as an internal error. Without this Gradio showed a bare "Error"."""
+    try:
+        yield
+    except (H.UserError, ExplorerError) as e:
+        raise _err(lang, e) from None
+    except gr.Error:
+        raise
+    except Exception:
+        raise _unexpected(lang, what) from None
 
 
 def _unexpected(lang: str, what: str) -> gr.Error:
@@ -248,7 +264,8 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     # --- light events: answered from the session's Explanation -------------------------------
     def on_controls(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer):
-        return attention(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer, grid=False)
+        with answered(lang, "attention"):
+            return attention(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer, grid=False)
 
     attn_in = [state, ui.lang] + controls + [ui.inner_layer]
     gr.on([ui.fusion.input, ui.discard.release, ui.start_layer.release, ui.opacity.release, ui.show_mask.input,
@@ -256,8 +273,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
           concurrency_limit=4, show_progress="hidden")
 
     def on_click(s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer, evt: gr.SelectData):
-        new = H.click(s, evt.index)
-        out = attention(new, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
+        with answered(lang, "click"):
+            new = H.click(s, evt.index)
+            out = attention(new, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
         out[state] = new
         return out
 
@@ -265,11 +283,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                       show_progress="hidden")
 
     def on_query(token, s, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer):
-        try:
+        with answered(lang, "set_query"):
             new = H.set_query(s, None if token is None else int(token))
-        except ExplorerError as e:
-            raise _err(lang, e) from None
-        out = attention(new, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
+            out = attention(new, lang, fusion, discard, start_layer, opacity, show_mask, inner_layer)
         out[state] = new
         return out
 
@@ -284,10 +300,8 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     def on_patches(s, lang, kernel, stride):
         if s.exp is None:
             return {c: gr.update() for c in (ui.grid_img, ui.pipeline, ui.cost, ui.overlap)}
-        try:
+        with answered(lang, "patches"):
             grid_img, pipe, fig, text = views.patches_view(s, lang, kernel, stride)
-        except ExplorerError as e:
-            raise _err(lang, e) from None
         return {ui.grid_img: grid_img, ui.pipeline: pipe, ui.cost: fig, ui.overlap: text}
 
     gr.on([ui.kernel.release, ui.stride.release], on_patches, [state, ui.lang, ui.kernel, ui.stride],
@@ -326,10 +340,17 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     def on_lang(lang, s, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
         out = dict(zip(text_comps, ui.T.updates(lang)))
-        merge(out, model_views(ms, lang, H.status_text(_loaded(ms), lang)))
-        if s.exp is not None and s.model == ms.get("spec"):  # (an explanation of this model)
-            merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask], inner_layer,
-                                  kernel, stride))
+        try:
+            merge(out, model_views(ms, lang, H.status_text(_loaded(ms), lang)))
+            if s.exp is not None and s.model == ms.get("spec"):  # (an explanation of this model)
+                merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask],
+                                      inner_layer, kernel, stride))
+        except (H.UserError, ExplorerError) as e:  # the page is relabelled all the same, and says why
+            gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
+            out[ui.status] = f"⚠️ {str(e) if isinstance(e, H.UserError) else error_text(lang, e)}"
+        except Exception:
+            log.exception("unexpected error redrawing the views in another language")
+            gr.Warning(t(lang, "internal_error"))
         return out
 
     ui.lang.input(on_lang, [ui.lang, state, model_state] + view_inputs,
