@@ -305,6 +305,29 @@ def test_checkpoint_mismatch_lists_missing_unexpected_misshaped(tmp_path):
     assert "1 wrong shape: blocks.1.norm1.bias (100,) vs (192,)" in msg
 
 
+def test_checkpoint_that_does_not_fit_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """The architecture's skeleton is built on the meta device and compared with the checkpoint
+    first: a tiny file named as ViT-H weights is refused without allocating ViT-H (632M
+    parameters; ViT-g would take 7 GB). A fitting checkpoint is then built for real."""
+    builds = []
+    real = timm.create_model
+
+    def recording(*args, **kwargs):
+        builds.append(str(torch.empty(0).device))  # the device models are being built on
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    torch.save({"head.weight": torch.zeros(3, 8), "head.bias": torch.zeros(3)}, tmp_path / "tiny.pth")
+    with pytest.raises(CheckpointError) as ei:
+        zoo.load_model("vit_huge_patch14_224", checkpoint=tmp_path / "tiny.pth", use_cache=False)
+    assert ei.value.code == "checkpoint_mismatch" and builds == ["meta"]
+    builds.clear()
+    torch.save(_finetuned(seed=1).state_dict(), tmp_path / "fits.pth")
+    builds.clear()
+    zoo.load_model(ARCH, checkpoint=tmp_path / "fits.pth", use_cache=False, **SMALL)
+    assert builds == ["meta", "cpu"]
+
+
 def test_tnt_checkpoint_into_vit(tmp_path):
     torch.manual_seed(0)
     tnt = timm.create_model("tnt_s_patch16_224", pretrained=False, img_size=64, depth=1, num_classes=5)
