@@ -187,6 +187,15 @@ def test_patches_overlap_calculator(client):
     assert f"{(49 ** 2) / (16 ** 2):.1f}×" in text
     bars = plot_data(fig)[0]
     assert list(bars.y) == [((64 - 16) // s + 1) ** 2 for s in range(1, 17)]
+    # the paper's numbers, on a 224-px image: 224/16 = 14, 14×14 = 196 patches of 16·16·3 = 768
+    # values; stride 8: (224 - 16)/8 + 1 = 27 per side, 729 tokens, (729/196)² ≈ 13.8× the cost
+    _, _, _, text = client.predict("en", 16, 16, "224", api_name="/patches")
+    assert "224×224 image: **14×14 = 196 tokens** (768 values each)" in text and "**1.0×**" in text
+    _, _, fig, text = client.predict("en", 16, 8, "224", api_name="/patches")
+    assert "**27×27 = 729 tokens**" in text and f"**{729 ** 2 / 196 ** 2:.1f}×**" in text
+    assert list(plot_data(fig)[0].y) == [((224 - 16) // s + 1) ** 2 for s in range(1, 17)]
+    with pytest.raises(AppError):  # not one of the choices
+        client.predict("en", 16, 8, "100000", api_name="/patches")
 
 
 def test_language_switch_translates_everything(client):

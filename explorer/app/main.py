@@ -162,11 +162,12 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
             out.update({ui.layer_head: v["layer_head"], ui.query: v["query"]})
         return out
 
-    def everything(s: views.Session, lang: str, ms: dict, ctl: list, inner_layer, kernel, stride) -> dict:
+    def everything(s: views.Session, lang: str, ms: dict, ctl: list, inner_layer, kernel, stride,
+                   calc_size: Any = "model") -> dict:
         out = attention(s, lang, *ctl, inner_layer)
         exp = s.exp
         assert exp is not None
-        grid_img, pipe, cost_fig, overlap = views.patches_view(s, lang, kernel, stride)
+        grid_img, pipe, cost_fig, overlap = views.patches_view(s, lang, kernel, stride, calc_size)
         loaded = _loaded(ms)
         conv_note = patch_embed_note(loaded, lang)
         pos_fig, pos_md, pixel_fig = views.posembed_view(s, lang, loaded.facts.grid)
@@ -201,13 +202,14 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     # --- heavy events: one forward pass each -----------------------------------------------
     @on_gpu
-    def on_image(path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
+    def on_image(path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride,
+                 calc_size="model"):
         ctl = [fusion, discard, start_layer, opacity, show_mask]
         if not path:
             return {c: gr.update() for c in views_out + [state]}
         try:
             new = H.explain_file(_loaded(ms), path, lang, ms["spec"])
-            out = everything(new, lang, ms, ctl, inner_layer, kernel, stride)
+            out = everything(new, lang, ms, ctl, inner_layer, kernel, stride, calc_size)
         except (H.UserError, ExplorerError) as e:
             raise _err(lang, e) from None
         except Exception:
@@ -215,13 +217,13 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         out[state] = new
         return out
 
-    view_inputs = controls + [ui.inner_layer, ui.kernel, ui.stride]
+    view_inputs = controls + [ui.inner_layer, ui.kernel, ui.stride, ui.calc_size]
     ui.image.change(on_image, [ui.image, state, ui.lang, model_state] + view_inputs, [state] + views_out,
                     api_name="explain", concurrency_id="model", show_progress="minimal")
 
     @on_gpu
     def on_load(spec, checkpoint, arch, path, s, lang, ms, fusion, discard, start_layer, opacity, show_mask,
-                inner_layer, kernel, stride):
+                inner_layer, kernel, stride, calc_size="model"):
         ck = checkpoint
         previous = ms.get("spec")
         try:
@@ -243,7 +245,7 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                     new = H.explain_file(loaded, path, lang, new_ms["spec"])
                     ps = loaded.facts.patch_size[0]
                     out.update(everything(new, lang, new_ms, [fusion, discard, start_layer, opacity, show_mask],
-                                          inner_layer, ps, ps))
+                                          inner_layer, ps, ps, calc_size))
             except (H.UserError, ExplorerError) as e:
                 new = None
                 gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
@@ -297,14 +299,15 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
 
     ui.reset.click(on_reset, attn_in, attn_out + [state], api_name="reset_query", concurrency_limit=4)
 
-    def on_patches(s, lang, kernel, stride):
+    def on_patches(s, lang, kernel, stride, calc_size="model"):
         if s.exp is None:
             return {c: gr.update() for c in (ui.grid_img, ui.pipeline, ui.cost, ui.overlap)}
         with answered(lang, "patches"):
-            grid_img, pipe, fig, text = views.patches_view(s, lang, kernel, stride)
+            grid_img, pipe, fig, text = views.patches_view(s, lang, kernel, stride, calc_size)
         return {ui.grid_img: grid_img, ui.pipeline: pipe, ui.cost: fig, ui.overlap: text}
 
-    gr.on([ui.kernel.release, ui.stride.release], on_patches, [state, ui.lang, ui.kernel, ui.stride],
+    gr.on([ui.kernel.release, ui.stride.release, ui.calc_size.input], on_patches,
+          [state, ui.lang, ui.kernel, ui.stride, ui.calc_size],
           [ui.grid_img, ui.pipeline, ui.cost, ui.overlap], api_name="patches", concurrency_limit=4)
 
     def on_export(s, lang, fusion, discard, start_layer, opacity, show_mask):
@@ -338,13 +341,14 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
     # --- language and start-up -----------------------------------------------------------------
     text_comps = [c for c, _ in ui.T.items]
 
-    def on_lang(lang, s, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride):
+    def on_lang(lang, s, ms, fusion, discard, start_layer, opacity, show_mask, inner_layer, kernel, stride,
+                calc_size="model"):
         out = dict(zip(text_comps, ui.T.updates(lang)))
         try:
             merge(out, model_views(ms, lang, H.status_text(_loaded(ms), lang)))
             if s.exp is not None and s.model == ms.get("spec"):  # (an explanation of this model)
                 merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask],
-                                      inner_layer, kernel, stride))
+                                      inner_layer, kernel, stride, calc_size))
         except (H.UserError, ExplorerError) as e:  # the page is relabelled all the same, and says why
             gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
             out[ui.status] = f"⚠️ {str(e) if isinstance(e, H.UserError) else error_text(lang, e)}"

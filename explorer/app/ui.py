@@ -48,6 +48,7 @@ _CHOICE_KEYS = {
     "tsne_source": [("tsne_bundled", "bundled"), ("tsne_upload", "upload")],
     "tsne_colour": [("tsne_by_label", "label"), ("tsne_by_pred", "prediction")],
     "fusion": [("fusion_mean", "mean"), ("fusion_max", "max"), ("fusion_min", "min")],
+    "calc_size": [("calc_size_model", "model"), ("calc_size_224", "224"), ("calc_size_384", "384")],
 }
 
 
@@ -192,6 +193,10 @@ def create_patches_tab(ui: UI) -> None:
         with gr.Row():
             ui.kernel = T(gr.Slider(2, 32, value=16, step=1, elem_id="kernel"), label="patch_kernel")
             ui.stride = T(gr.Slider(1, 32, value=16, step=1, elem_id="stride"), label="patch_stride")
+        # the calculator on the model's own input, or on the paper's 224 px (LESSONS §1-2: 224/16 → 14×14
+        # = 196 patches; stride 8 → 27×27 = 729), which the 64-px classroom models cannot show
+        ui.calc_size = T(gr.Radio(_choices("en", "calc_size"), value="model", elem_id="calc_size"),
+                         label="calc_size", choices="calc_size")
         ui.overlap = gr.Markdown(elem_id="overlap")
         ui.cost = gr.Plot(show_label=False, elem_id="cost")
 

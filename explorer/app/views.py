@@ -189,8 +189,10 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
 # ----------------------------------------------------------------------------- patches
 
 
-def patches_view(s: Session, lang: str, kernel: int, stride: int) -> tuple[np.ndarray, str, Any, str]:
-    """The model's own patch grid, the tensor shapes, and the overlap calculator."""
+def patches_view(s: Session, lang: str, kernel: int, stride: int,
+                 calc_size: Any = "model") -> tuple[np.ndarray, str, Any, str]:
+    """The model's own patch grid, the tensor shapes, and the overlap calculator on the model's
+    input size (``calc_size="model"``) or on a square image of ``calc_size`` pixels."""
     exp = s.exp
     assert exp is not None
     lay = exp.layout
@@ -212,6 +214,15 @@ def patches_view(s: Session, lang: str, kernel: int, stride: int) -> tuple[np.nd
     shapes_md = (f"**{t(lang, 'shapes_pipeline')}**\n\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(pipe))
                  + "\n\n" + t(lang, "grid_note", prefix=_grid_prefix_note(lang, lay)))
     size = max(h, w) if h == w else h
+    if str(calc_size) != "model":
+        try:
+            size = int(calc_size)
+        except (TypeError, ValueError):
+            raise InputError(f"image size must be 'model' or a number of pixels; got {calc_size!r}",
+                             code="bad_option", name="calc_size") from None
+        if not 16 <= size <= 1024:
+            raise InputError(f"image size must lie in 16..1024 px; got {size}", code="bad_option",
+                             name="calc_size")
     text, fig = overlap_calculator(lang, size, int(kernel), int(stride))
     return grid_img, shapes_md, fig, text
 
