@@ -239,6 +239,8 @@ def _figure_cases():
         "layer_head_grid": lambda: F.layer_head_grid(rng.random((2, 3, 4, 4)).astype(np.float32), title="t",
                                                      layer_label="层", head_label="头", value_label="w"),
         "similarity_panels": lambda: F.similarity_panels([("learned", sim), ("1D", sim)], title="t"),
+        "similarity_panels_stretched": lambda: F.similarity_panels([("learned", sim), ("1D", sim * 0.3 + 0.6)],
+                                                                   title="t", stretch=(1,)),
         "small_heatmaps": lambda: F.small_heatmaps([(str(i), rng.uniform(-1, 1, (4, 4))) for i in range(16)],
                                                    title="t"),
         "distance_plot": lambda: F.distance_plot(rng.random((3, 4)) * 90, np.array([3.0, 5, 7]),
@@ -378,3 +380,29 @@ def test_export_writes_every_overlay_the_viewer_would_draw(vit_model):
     for name, m in expected.items():
         got = np.asarray(Image.open(io.BytesIO(files[name])))
         np.testing.assert_array_equal(got, ov.overlay(img, m, box=e.box), err_msg=name)
+
+
+def test_similarity_panels_stretch_colours_but_hover_the_true_cosine():
+    """A stretched panel (the sine-cosine references) is coloured from its own minimum (-1 on the
+    scale) to its maximum (+1), named with its range; its hover data keeps the true cosines. An
+    unstretched panel's colours are its cosines."""
+    from explorer.render.figures import similarity_panels
+
+    rng = np.random.default_rng(5)
+    learned = rng.uniform(-1, 1, (3, 4, 3, 4)).astype(np.float32)
+    ref = rng.uniform(0.5, 0.9, (3, 4, 3, 4)).astype(np.float32)
+    fig = similarity_panels([("learned", learned), ("1D", ref)], title="t", stretch=(1,),
+                            stretch_label="from {lo:.2f} to {hi:.2f}")
+    z = np.asarray(fig.data[0].z, dtype=float)
+    custom = np.asarray(fig.data[0].customdata, dtype=float)
+    w = 4 * (4 + 1) - 1  # a panel: 4 tiles a row, each 4 columns wide, gaps of 1 between them
+    gap = z.shape[1] - 2 * w
+    assert gap == 3 and np.isnan(z[:, w:w + gap]).all()
+    left, right = np.s_[:, :w], np.s_[:, w + gap:]
+    np.testing.assert_allclose(z[left], custom[left][..., 2], rtol=1e-6, equal_nan=True)
+    lo, hi = float(np.nanmin(custom[right][..., 2])), float(np.nanmax(custom[right][..., 2]))
+    np.testing.assert_allclose(z[right], (custom[right][..., 2] - lo) * 2 / (hi - lo) - 1, atol=1e-5,
+                               equal_nan=True)
+    assert np.nanmin(z[right]) == pytest.approx(-1) and np.nanmax(z[right]) == pytest.approx(1)
+    assert fig.layout.xaxis.ticktext[1] == f"1D<br><sub>from {lo:.2f} to {hi:.2f}</sub>"
+    assert "customdata[2]" in fig.data[0].hovertemplate

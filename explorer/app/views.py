@@ -276,7 +276,8 @@ def posembed_view(s: Session, lang: str, pos_grid: tuple[int, int]):
               (t(lang, "pos_1d"), posembed.reference_tiles("1d", pos.shape[0], D, grid)),
               (t(lang, "pos_2d"), posembed.reference_tiles("2d", pos.shape[0], D, grid))]
     fig = figures.similarity_panels(panels, title=t(lang, "pos_title"), row_label=t(lang, "pos_row"),
-                                    col_label=t(lang, "pos_col"))
+                                    col_label=t(lang, "pos_col"), stretch=(1, 2),
+                                    stretch_label=t(lang, "pos_stretch"))
     nb = posembed.neighbour_structure(pos, pos_grid, sim=learned)
     text = t(lang, "pos_neighbour", **nb)
     pixel_fig = None
