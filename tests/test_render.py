@@ -383,9 +383,9 @@ def test_export_writes_every_overlay_the_viewer_would_draw(vit_model):
 
 
 def test_similarity_panels_stretch_colours_but_hover_the_true_cosine():
-    """A stretched panel (the sine-cosine references) is coloured from its own minimum (-1 on the
-    scale) to its maximum (+1), named with its range; its hover data keeps the true cosines. An
-    unstretched panel's colours are its cosines."""
+    """Each panel is its own trace holding its true cosines. A stretched panel (the sine-cosine
+    references) is coloured from its own minimum to its maximum and named with that range; the
+    others on -1 to 1, with the one colour bar. Panels sit side by side with a gap."""
     from explorer.render.figures import similarity_panels
 
     rng = np.random.default_rng(5)
@@ -393,16 +393,13 @@ def test_similarity_panels_stretch_colours_but_hover_the_true_cosine():
     ref = rng.uniform(0.5, 0.9, (3, 4, 3, 4)).astype(np.float32)
     fig = similarity_panels([("learned", learned), ("1D", ref)], title="t", stretch=(1,),
                             stretch_label="from {lo:.2f} to {hi:.2f}")
-    z = np.asarray(fig.data[0].z, dtype=float)
-    custom = np.asarray(fig.data[0].customdata, dtype=float)
-    w = 4 * (4 + 1) - 1  # a panel: 4 tiles a row, each 4 columns wide, gaps of 1 between them
-    gap = z.shape[1] - 2 * w
-    assert gap == 3 and np.isnan(z[:, w:w + gap]).all()
-    left, right = np.s_[:, :w], np.s_[:, w + gap:]
-    np.testing.assert_allclose(z[left], custom[left][..., 2], rtol=1e-6, equal_nan=True)
-    lo, hi = float(np.nanmin(custom[right][..., 2])), float(np.nanmax(custom[right][..., 2]))
-    np.testing.assert_allclose(z[right], (custom[right][..., 2] - lo) * 2 / (hi - lo) - 1, atol=1e-5,
-                               equal_nan=True)
-    assert np.nanmin(z[right]) == pytest.approx(-1) and np.nanmax(z[right]) == pytest.approx(1)
-    assert fig.layout.xaxis.ticktext[1] == f"1D<br><sub>from {lo:.2f} to {hi:.2f}</sub>"
-    assert "customdata[2]" in fig.data[0].hovertemplate
+    a, b = fig.data
+    za, zb = np.asarray(a.z, dtype=float), np.asarray(b.z, dtype=float)
+    np.testing.assert_allclose(za[:3, :4], learned[0, 0], rtol=1e-6)  # tile of position (0, 0)
+    np.testing.assert_allclose(zb[4:7, 5:9], ref[1, 1], rtol=1e-6)  # tile of position (1, 1)
+    assert (a.zmin, a.zmax) == (-1, 1) and a.showscale and not b.showscale
+    lo, hi = float(np.nanmin(zb)), float(np.nanmax(zb))
+    assert (b.zmin, b.zmax) == pytest.approx((lo, hi)) and 0.5 <= lo < hi <= 0.9
+    assert b.x0 == a.x0 + za.shape[1] + 3  # after the first panel and a gap
+    assert list(fig.layout.xaxis.ticktext) == ["learned<br><sub> </sub>", f"1D<br><sub>from {lo:.2f} to {hi:.2f}</sub>"]
+    np.testing.assert_array_equal(np.asarray(b.customdata)[4, 5], [2, 2])  # row 2, col 2, counted from 1

@@ -196,65 +196,47 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
                       stretch: Sequence[int] = (), stretch_label: str = "colours {lo:.2f} to {hi:.2f}") -> go.Figure:
     """Position-embedding similarity as in ViT Fig. 7: one panel per (name, (rows, cols, rows, cols)).
 
-    All panels are one heatmap trace, side by side (subplots cost ~10× more to build). Grids larger
-    than ``max_tiles`` a side show every k-th position's tile. Panels whose index is in ``stretch``
-    are coloured from their own minimum to maximum (named under the panel's title), the others on
-    the colour bar's -1 to 1: sine-cosine codes are similar everywhere (0.4 to 1), and on -1 to 1
-    their structure was all the same red. The hover always shows the true cosine.
+    One heatmap trace per panel, side by side on one pair of axes (subplots cost ~10× more to
+    build). Grids larger than ``max_tiles`` a side show every k-th position's tile. Panels whose
+    index is in ``stretch`` are coloured from their own minimum to maximum (named under the
+    panel's title), the others on the colour bar's -1 to 1: sine-cosine codes are similar
+    everywhere (0.4 to 1), and on -1 to 1 their structure was all the same red. Every panel's
+    values are its true cosines, which the hover shows.
     """
-    blocks, rr_all, cc_all, vals_all, centres, names = [], [], [], [], [], []
+    blocks = []
     for k, (name, sim) in enumerate(panels):
         rows, cols = sim.shape[:2]
         rs = np.unique(np.linspace(0, rows - 1, min(rows, max_tiles)).round().astype(int))
         cs = np.unique(np.linspace(0, cols - 1, min(cols, max_tiles)).round().astype(int))
         z = tile(sim[rs][:, cs])
-        vals_all.append(z)
-        if k in stretch:
-            lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
-            z = (z - lo) * (2.0 / (hi - lo)) - 1.0 if hi > lo else np.zeros_like(z)
-            name = f"{name}<br><sub>{stretch_label.format(lo=lo, hi=hi)}</sub>"
-        elif stretch:  # a blank second line keeps the panel titles on one baseline
-            name = f"{name}<br><sub> </sub>"
-        names.append(name)
         rr = np.full(z.shape, -1, dtype=np.int16)  # grid indices: small typed arrays in the JSON
         cc = np.full(z.shape, -1, dtype=np.int16)
         for i, r in enumerate(rs):
             for j, c in enumerate(cs):
                 sl = np.s_[i * (rows + 1):i * (rows + 1) + rows, j * (cols + 1):j * (cols + 1) + cols]
                 rr[sl], cc[sl] = r + 1, c + 1  # counted from 1, as in the other views
-        blocks.append(z)
-        rr_all.append(rr)
-        cc_all.append(cc)
-    height = max(b.shape[0] for b in blocks)
+        lo, hi = (float(np.nanmin(z)), float(np.nanmax(z))) if k in stretch else (-1.0, 1.0)
+        if k in stretch:
+            name = f"{name}<br><sub>{stretch_label.format(lo=lo, hi=hi)}</sub>"
+        elif stretch:  # a blank second line keeps the panel titles on one baseline
+            name = f"{name}<br><sub> </sub>"
+        blocks.append((name, z, np.stack([rr, cc], -1), lo, hi if hi > lo else lo + 1e-6))
+    height = max(b[1].shape[0] for b in blocks)
     gap = max(3, height // 12)
-    z_parts, r_parts, c_parts, v_parts = [], [], [], []
-    x = 0
-    for k, (z, rr, cc, vv) in enumerate(zip(blocks, rr_all, cc_all, vals_all)):
-        pad = ((0, height - z.shape[0]), (0, 0))
-        z_parts.append(np.pad(z, pad, constant_values=np.nan))
-        r_parts.append(np.pad(rr, pad, constant_values=-1))
-        c_parts.append(np.pad(cc, pad, constant_values=-1))
-        v_parts.append(np.pad(vv, pad, constant_values=np.nan))
-        centres.append(x + z.shape[1] / 2)
-        x += z.shape[1]
-        if k < len(blocks) - 1:
-            for parts, fill in ((z_parts, np.nan), (r_parts, -1), (c_parts, -1), (v_parts, np.nan)):
-                parts.append(np.full((height, gap), fill, dtype=parts[0].dtype))
-            x += gap
-    z = np.concatenate(z_parts, 1)
-    channels = [np.concatenate(r_parts, 1), np.concatenate(c_parts, 1)]
-    value = "%{z:.3f}"
-    if stretch:  # the colours are not the values: the hover reads the true cosine from the data
-        channels = [ch.astype(np.float32) for ch in channels] + [np.concatenate(v_parts, 1).astype(np.float32)]
-        value = "%{customdata[2]:.3f}"
-    custom = np.stack(channels, -1)
-    heat = dict(type="heatmap", z=z, customdata=custom, zmin=-1, zmax=1, colorscale="RdBu_r", hoverongaps=False,
-                colorbar=dict(thickness=12, len=0.8),
-                hovertemplate=f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) "
-                              f"{sim_label} {value}<extra></extra>")
-    xaxis = {**_TILE_X, "tickvals": centres, "ticktext": names, "showticklabels": True,
+    traces, centres, x = [], [], 0
+    hover = (f"({row_label} %{{customdata[0]}}, {col_label} %{{customdata[1]}}) {sim_label} %{{z:.3f}}"
+             "<extra></extra>")
+    for k, (name, z, custom, lo, hi) in enumerate(blocks):
+        pad = height - z.shape[0]
+        traces.append(dict(type="heatmap", z=np.pad(z, ((0, pad), (0, 0)), constant_values=np.nan),
+                           customdata=np.pad(custom, ((0, pad), (0, 0), (0, 0)), constant_values=-1),
+                           x0=x, dx=1, zmin=lo, zmax=hi, colorscale="RdBu_r", hoverongaps=False,
+                           showscale=k == 0, colorbar=dict(thickness=12, len=0.8), hovertemplate=hover))
+        centres.append(x + (z.shape[1] - 1) / 2)
+        x += z.shape[1] + gap
+    xaxis = {**_TILE_X, "tickvals": centres, "ticktext": [b[0] for b in blocks], "showticklabels": True,
              "side": "top", "tickfont": dict(size=14)}
-    return _figure([heat], title, 480, xaxis=xaxis, yaxis=_TILE_Y)
+    return _figure(traces, title, 480, xaxis=xaxis, yaxis=_TILE_Y)
 
 
 def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str, per_row: int = 8) -> go.Figure:
