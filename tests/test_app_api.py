@@ -132,11 +132,14 @@ def test_explain_matches_an_independent_computation(client):
     mad = mean_attention_distance(exp.attention, exp.layout)
     np.testing.assert_allclose([d.y for d in heads], mad.T, rtol=1e-5)
     # position embeddings: three panels, learned similarity has a unit diagonal
-    pos = plot_data(v["pos_plot"])[0]  # learned, 1D and 2D sine-cosine side by side in one trace
-    assert json.loads(v["pos_plot"]["plot"])["layout"]["xaxis"]["ticktext"] == [
-        "learned (this model)", "1D sine-cosine", "2D sine-cosine"]
-    z = np.asarray(pos.z, dtype=float)
+    # (one trace each, side by side; the sine-cosine panels coloured on their own range, named)
+    learned, ref1, ref2 = plot_data(v["pos_plot"])
+    names = json.loads(v["pos_plot"]["plot"])["layout"]["xaxis"]["ticktext"]
+    assert [n.split("<br>")[0] for n in names] == ["learned (this model)", "1D sine-cosine", "2D sine-cosine"]
+    assert f"colours from {ref1.zmin:.2f} to {ref1.zmax:.2f}" in names[1] and ref1.zmax == pytest.approx(1.0)
+    z = np.asarray(learned.z, dtype=float)
     assert z.shape[0] == 8 * 9 - 1 and z[0, 0] == pytest.approx(1.0, abs=1e-5)  # position 0 vs itself
+    assert (learned.zmin, learned.zmax) == (-1, 1)
     assert "64" in v["pos_md"]
     # patch grid view shows the model's own 8×8 grid and the tensor shapes
     assert "65 × 96" in v["pipeline"].replace("`", "") and "kernel_size=(8, 8), stride=(8, 8)" in v["conv_note"]

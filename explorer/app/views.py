@@ -169,9 +169,9 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
     lay = exp.layout
     if q >= lay.num_prefix:
         patch = q - lay.num_prefix
-    else:  # a prefix token has no patch: look inside the patch its rollout reaches most
-        row = exp.rollout_row(q, analysis.RolloutOptions())
-        patch = int(np.argmax(row[lay.num_prefix:]))
+    else:  # a prefix token has no patch: look inside the patch its rollout reaches most (once)
+        patch = exp._cached(("inner_patch", q), lambda: int(np.argmax(
+            exp.rollout_row(q, analysis.RolloutOptions())[lay.num_prefix:])))
     layer = int(min(max(layer, 0), exp.num_layers - 1))
     m = analysis.inner_map(exp.inner_attention, patch, layer)
     r, c = divmod(patch, lay.grid[1])
