@@ -347,3 +347,44 @@ def test_light_events_turn_errors_into_messages(caplog):
     gone = CheckpointError("No checkpoint file at /tmp/gradio/abc/ck.pth.", code="no_file", path="/tmp/gradio/abc")
     assert "/tmp" not in error_text("en", gone) and "Upload it again" in error_text("en", gone)
     assert "请重新上传" in error_text("zh-CN", gone)
+
+
+def test_session_keeps_the_shown_image_and_the_upload_not_the_full_photo(vit_model, tmp_path):
+    """A session holds the image as shown (at most 1600 px) and the uploaded file as it came; the
+    full-size photo is decoded again only for the download. A 190-KB PNG of 49 megapixels held
+    148 MB per session. Clicks, the crop note and the full-size download are unchanged."""
+    import io
+    import zipfile
+
+    from explorer.app import handlers as H
+    from explorer.app.views import display_image, rollout_view
+
+    photo = np.zeros((2400, 4000, 3), np.uint8)
+    photo[::7] = 200  # some structure, still a small PNG
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="PNG")
+    path = tmp_path / "big.png"
+    path.write_bytes(buf.getvalue())
+    s = H.explain_file(vit_model, str(path), "en", "vit")
+    assert s.image.shape == (960, 1600, 3) and s.source == buf.getvalue() and s.size() == (4000, 2400)
+    assert display_image(s) is s.image  # already the shown size: no second copy
+    np.testing.assert_array_equal(s.full_image(), photo)
+    assert "4000×2400" in H.notes_text(s, "en")  # the crop note names the photo's own size
+    img, _ = rollout_view(s, "en", fusion="mean", discard=0.0, start_layer=0, opacity=0.5, show_mask=False)
+    assert img.shape == (960, 1600, 3)
+    x0, y0, x1, y1 = s.exp.box
+    rows, cols = s.exp.layout.grid
+    k = 1600 / 4000
+    centre = ((x0 + (1.5 * (x1 - x0) / cols)) * k, (y0 + 2.5 * (y1 - y0) / rows) * k)  # patch (2, 1)
+    assert H.click(s, centre).query == s.exp.layout.token_of_patch(2, 1)
+    z = zipfile.ZipFile(H.export(s, "en", H.Controls(), folder=str(tmp_path)))
+    assert Image.open(io.BytesIO(z.read("rollout.png"))).size == (4000, 2400)
+    # an image already small enough is kept as it is, without the upload
+    small = H.explain_file(vit_model, _png_file(tmp_path), "en", "vit")
+    assert small.source is None and small.full_image() is small.image
+
+
+def _png_file(tmp_path) -> str:
+    p = tmp_path / "mid.png"
+    Image.fromarray(np.full((600, 900, 3), 90, np.uint8)).save(p)
+    return str(p)

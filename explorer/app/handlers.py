@@ -204,14 +204,18 @@ def explain_file(loaded: Any, path: str | None, lang: str, spec: str) -> views.S
         m = decode(mpath.read_bytes()).array[..., 0] > 127
         if m.shape == decoded.array.shape[:2]:
             mask = m
-    return views.Session(model=spec, exp=exp, image=decoded.array, mask=mask, notes=decoded.notes)
+    from ..render.overlay import fit_for_display
+
+    shown = fit_for_display(decoded.array, 448, views.DISPLAY_MAX_SIDE)
+    return views.Session(model=spec, exp=exp, image=shown, mask=mask, notes=decoded.notes,
+                         source=data if shown is not decoded.array else None, full_size=decoded.size)
 
 
 def notes_text(s: views.Session, lang: str) -> str:
     assert s.exp is not None and s.image is not None
     out = [t(lang, f"notes_{code}", **params) for code, params in s.notes]
     x0, y0, x1, y1 = s.exp.box
-    H, W = s.image.shape[:2]
+    W, H = s.size()
     if (x1 - x0) < W - 1 or (y1 - y0) < H - 1:
         out.append(t(lang, "saw", w=round(x1 - x0), h=round(y1 - y0), W=W, H=H))
     return " ".join(out)
@@ -289,7 +293,7 @@ def export(s: views.Session, lang: str, ctl: Controls, folder: str | None = None
     name = f"explanation-{_digest(s.exp.crop.tobytes())[:10]}-q{s.query_token()}-{uuid.uuid4().hex[:8]}.zip"
     prune_exports(base)
     try:
-        files = artefacts(s.exp, s.image, opts, s.query_token(), s.model)
+        files = artefacts(s.exp, s.full_image(), opts, s.query_token(), s.model)
         return str(write_zip(files, base / name))
     except ExplorerError as err:
         raise fail(lang, err) from err

@@ -28,13 +28,36 @@ class Session:
 
     model: str = ""  # spec of the model that produced ``exp``
     exp: Explanation | None = None
-    image: np.ndarray | None = None  # the user's image, upright RGB uint8, full size
+    #: the user's image, upright RGB uint8, as the attention tab shows it (at most DISPLAY_MAX_SIDE;
+    #: a full-size one given here is fitted on first use)
+    image: np.ndarray | None = None
     mask: np.ndarray | None = None  # object mask at the model crop's resolution (shapes examples)
     query: int | None = None  # token index; None = the layout's default (class token)
     notes: list = field(default_factory=list)
     forward_passes: int = 0  # how many times this session ran the model (for the benchmark)
     #: (image, its display version): enlarging a 600×400 photo costs 1.2 ms, twice per slider event
     display: tuple | None = field(default=None, repr=False, compare=False)
+    #: the file as it was uploaded, decoded again only for the full-size download: a session keeps
+    #: the shown image, not the full one (a 49-megapixel PNG of 190 KB took 148 MB per session)
+    source: bytes | None = field(default=None, repr=False)
+    full_size: tuple[int, int] | None = None  # (width, height) of the full image
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the user's full image."""
+        if self.full_size is not None:
+            return self.full_size
+        assert self.image is not None
+        return self.image.shape[1], self.image.shape[0]
+
+    def full_image(self) -> np.ndarray:
+        """The user's image at full size (decoded again from the upload when the session keeps only
+        the shown one)."""
+        assert self.image is not None
+        if self.source is None or self.full_size == (self.image.shape[1], self.image.shape[0]):
+            return self.image
+        from ..images import decode
+
+        return decode(self.source).array
 
     def query_token(self) -> int:
         assert self.exp is not None
@@ -76,7 +99,8 @@ def _display_box(s: Session) -> tuple[float, float, float, float]:
     """The model's crop box in the displayed image's pixels."""
     assert s.exp is not None and s.image is not None
     disp = display_image(s)
-    kx, ky = disp.shape[1] / s.image.shape[1], disp.shape[0] / s.image.shape[0]
+    W, H = s.size()
+    kx, ky = disp.shape[1] / W, disp.shape[0] / H
     x0, y0, x1, y1 = s.exp.box
     return x0 * kx, y0 * ky, x1 * kx, y1 * ky
 
