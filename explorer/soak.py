@@ -171,8 +171,10 @@ def run_overload(server: Server, queue: int, image: Path, expected: dict) -> dic
     cfg = json.load(urllib.request.urlopen(server.url + "config", timeout=10))
     dep = next(d for d in cfg["dependencies"] if d.get("api_name") == "explain")
     types = {comp["id"]: comp["type"] for comp in cfg["components"]}
+    defaults = {comp["id"]: comp.get("props", {}).get("value") for comp in cfg["components"]}
     values = iter([{"path": path, "orig_name": image.name, "meta": {"_type": "gradio.FileData"}}, "en", *CONTROLS, 8, 8])
-    data = [None if types[i] == "state" else next(values) for i in dep["inputs"]]
+    # inputs after the ones given take the component's default value, as gradio_client does
+    data = [None if types[i] == "state" else next(values, defaults.get(i)) for i in dep["inputs"]]
     want = expected[("classroom-vit", image.name)]
     n = 3 * queue
     barrier = threading.Barrier(n)

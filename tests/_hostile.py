@@ -82,8 +82,10 @@ def raw_join(url: str, api_name: str, data: list, session: str | None = None,
     cfg = config if config is not None else app_config(url)
     dep = next(d for d in cfg["dependencies"] if d.get("api_name") == api_name)
     types = {c["id"]: c["type"] for c in cfg["components"]}
+    defaults = {c["id"]: c.get("props", {}).get("value") for c in cfg["components"]}
     it = iter(data)
-    full = [None if types[i] == "state" else next(it) for i in dep["inputs"]]
+    # inputs after the ones given take the component's default value, as gradio_client does
+    full = [None if types[i] == "state" else next(it, defaults.get(i)) for i in dep["inputs"]]
     session = session or uuid.uuid4().hex[:12]
     body = json.dumps({"data": full, "fn_index": dep["id"], "session_hash": session, "event_data": None,
                        "trigger_id": None}).encode()

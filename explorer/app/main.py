@@ -382,9 +382,13 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         if not shapes or ui.image.value is not None:
             return gr.update()
         try:
-            return TS.default_example(shapes, zoo.load_model(ui.default_model))
+            path = TS.default_example(shapes, zoo.load_model(ui.default_model))
         except ExplorerError:
-            return TS.default_example(shapes)
+            path = TS.default_example(shapes)
+        # a copy in the image's own cache: Gradio serves files only from there (and from the
+        # working directory), so the bundled file itself showed no image unless the server was
+        # started in the repository; no folder of the installation is opened to file requests
+        return ui.image.move_resource_to_block_cache(path)
 
     demo.load(on_start, None, text_comps + [ui.lang, ui.kernel, ui.stride] + model_out,
               api_name=False).then(start_image, None, ui.image, api_name=False)
@@ -418,14 +422,10 @@ def launch(host: str | None = None, port: int | None = None, share: bool = False
     app_kwargs = {"exception_handlers": {FnIndexInferError: not_found},
                   "middleware": [Middleware(BodyLimit, limit=64 * 2**20)]}
     app_kwargs.update(kwargs.pop("app_kwargs", None) or {})
-    # the bundled examples may be returned as values (the first image at start): Gradio serves
-    # files only from the working directory and the temp folder unless their folder is allowed,
-    # so a server started anywhere but the repository showed no first image
-    allowed = [str(H.EXAMPLES)] + list(kwargs.pop("allowed_paths", None) or [])
     demo.launch(server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
                 share=share, max_file_size=size_bytes(os.environ.get("VIT_EXPLORER_MAX_UPLOAD", "50mb")),
                 max_threads=max(4, 2 * cores), enable_monitoring=False,
                 state_session_capacity=int(os.environ.get("VIT_EXPLORER_SESSIONS", "64")),
                 show_error=False, css=CSS, head=HEAD, theme=gr.themes.Soft(primary_hue="indigo"),
-                ssr_mode=False, app_kwargs=app_kwargs, allowed_paths=allowed, **kwargs)
+                ssr_mode=False, app_kwargs=app_kwargs, **kwargs)
