@@ -236,7 +236,10 @@ def similarity_panels(panels: Sequence[tuple[str, np.ndarray]], *, title: str, m
         x += z.shape[1] + gap
     xaxis = {**_TILE_X, "tickvals": centres, "ticktext": [b[0] for b in blocks], "showticklabels": True,
              "side": "top", "tickfont": dict(size=14)}
-    return _figure(traces, title, 480, xaxis=xaxis, yaxis=_TILE_Y)
+    # two-line panel names need room under the title (at the default top margin the title ran
+    # into the first panel's name)
+    margin = dict(l=50, r=20, t=100 if stretch else 60, b=30)
+    return _figure(traces, title, 500 if stretch else 480, xaxis=xaxis, yaxis=_TILE_Y, margin=margin)
 
 
 def small_heatmaps(panels: Sequence[tuple[str, np.ndarray]], *, title: str, per_row: int = 8) -> go.Figure:
