@@ -113,31 +113,6 @@ def block_index(layer: Any) -> int:
         return 0
 
 
-def _conv_text(conv: Any) -> str:
-    pad = tuple(conv.padding) if isinstance(conv.padding, tuple) else conv.padding
-    extra = f", padding={pad}" if pad not in ((0, 0), 0, "valid") else ""
-    return (f"Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)}, "
-            f"stride={tuple(conv.stride)}{extra})")
-
-
-def patch_embed_note(loaded: Any, lang: str) -> str:
-    """The patches view's check, read from the loaded model's own modules. A ViT's patch embedding
-    is one convolution with kernel = stride = P. TNT cuts the image into non-overlapping patches
-    with ``nn.Unfold`` (kernel = stride = P) and then embeds each patch's pixel words with a small
-    convolution whose windows overlap (7×7, stride 4 in TNT-S): that one is not the patch cut."""
-    m = loaded.model
-    if hasattr(m, "pixel_embed"):
-        pe = m.pixel_embed
-        k = tuple(pe.unfold.kernel_size) if isinstance(pe.unfold.kernel_size, tuple) else (pe.unfold.kernel_size,) * 2
-        st = tuple(pe.unfold.stride) if isinstance(pe.unfold.stride, tuple) else (pe.unfold.stride,) * 2
-        inner = loaded.facts.inner or {}
-        pr, pc = inner.get("pixel_grid", (0, 0))
-        return t(lang, "conv_note_tnt", unfold=f"Unfold(kernel_size={k}, stride={st})", k=k[0], s=st[0],
-                 conv=_conv_text(pe.proj), ck=pe.proj.kernel_size[0], cs=pe.proj.stride[0], pr=pr, pc=pc)
-    conv = m.patch_embed.proj
-    return t(lang, "conv_note", layer=_conv_text(conv), k=conv.kernel_size[0], s=conv.stride[0])
-
-
 def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> None:
     controls = [ui.fusion, ui.discard, ui.start_layer, ui.opacity, ui.show_mask]
     attn_out = [ui.overlay, ui.caption, ui.layer_head, ui.inner_row, ui.inner_img, ui.inner_md, ui.query]
@@ -169,7 +144,7 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
         assert exp is not None
         grid_img, pipe, cost_fig, overlap = views.patches_view(s, lang, kernel, stride, calc_size)
         loaded = _loaded(ms)
-        conv_note = patch_embed_note(loaded, lang)
+        conv_note = views.patch_embed_note(loaded, lang)
         pos_fig, pos_md, pixel_fig = views.posembed_view(s, lang, loaded.facts.grid)
         mad_fig, mad_md = views.distance_view(s, lang)
         L = exp.num_layers
@@ -350,8 +325,9 @@ def wire(ui: UI, demo: gr.Blocks, state: gr.State, model_state: gr.State) -> Non
                 merge(out, everything(s, lang, ms, [fusion, discard, start_layer, opacity, show_mask],
                                       inner_layer, kernel, stride, calc_size))
         except (H.UserError, ExplorerError) as e:  # the page is relabelled all the same, and says why
-            gr.Warning(str(e) if isinstance(e, H.UserError) else error_text(lang, e))
-            out[ui.status] = f"⚠️ {str(e) if isinstance(e, H.UserError) else error_text(lang, e)}"
+            msg = str(e) if isinstance(e, H.UserError) else error_text(lang, e)
+            gr.Warning(msg)
+            out[ui.status] = f"⚠️ {msg}"
         except Exception:
             log.exception("unexpected error redrawing the views in another language")
             gr.Warning(t(lang, "internal_error"))

@@ -284,6 +284,34 @@ def overlap_calculator(lang: str, size: int, kernel: int, stride: int):
     return text, fig
 
 
+def _pair(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _conv_text(conv: Any) -> str:
+    pad = tuple(conv.padding) if isinstance(conv.padding, tuple) else conv.padding
+    extra = f", padding={pad}" if pad not in ((0, 0), 0, "valid") else ""
+    return (f"Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)}, "
+            f"stride={tuple(conv.stride)}{extra})")
+
+
+def patch_embed_note(loaded: Any, lang: str) -> str:
+    """The patches view's check, read from the loaded model's own modules. A ViT's patch embedding
+    is one convolution with kernel = stride = P. TNT cuts the image into non-overlapping patches
+    with ``nn.Unfold`` (kernel = stride = P) and then embeds each patch's pixel words with a small
+    convolution whose windows overlap (7×7, stride 4 in TNT-S): that one is not the patch cut."""
+    m = loaded.model
+    if hasattr(m, "pixel_embed"):
+        pe = m.pixel_embed
+        k, st = _pair(pe.unfold.kernel_size), _pair(pe.unfold.stride)
+        inner = loaded.facts.inner or {}
+        pr, pc = inner.get("pixel_grid", (0, 0))
+        return t(lang, "conv_note_tnt", unfold=f"Unfold(kernel_size={k}, stride={st})", k=k[0], s=st[0],
+                 conv=_conv_text(pe.proj), ck=pe.proj.kernel_size[0], cs=pe.proj.stride[0], pr=pr, pc=pc)
+    conv = m.patch_embed.proj
+    return t(lang, "conv_note", layer=_conv_text(conv), k=conv.kernel_size[0], s=conv.stride[0])
+
+
 # ----------------------------------------------------------------------------- position embeddings
 
 
