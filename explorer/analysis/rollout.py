@@ -5,9 +5,12 @@ Each layer's attention is fused over heads, the residual connection is modelled 
 product ``Â_L · … · Â_s``. The row of one query token is a chain of vector–matrix products,
 ``O(L·T²)``; the full matrix chain, ``O(L·T³)``, is only computed when it is asked for.
 
-The discard ratio (from Gildenblat's vit-explain, not in the paper) zeroes, in every row of the
-fused attention, the weakest ``discard_ratio`` share of the links to patch tokens; links to
-prefix tokens (class, distillation, registers) are never discarded.
+The discard ratio zeroes, in every row of the fused attention, the weakest ``discard_ratio``
+share of the links to patch tokens; links to prefix tokens (class, distillation, registers) are
+never discarded. The idea comes from Gildenblat's vit-explain (not in the paper), which drops
+the weakest share of each layer's whole matrix at once and protects only the class token's link
+to itself; per row, every query keeps the same number of links, which is what the app's slider
+says ("weakest links removed per row"). The two differ only when a ratio is set.
 """
 from __future__ import annotations
 
