@@ -351,7 +351,17 @@ def read_label_names(folder: Path, stem: str | None = None) -> list[str] | None:
 
 
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, arch: str) -> None:
-    model.load_state_dict(_fitted(model, sd, name, arch), strict=True)
+    fitted = _fitted(model, sd, name, arch)
+    # weights of a diverged training run load fine and then explain every image as NaN (the
+    # prediction panel showed no numbers and the maps nothing): refused here, saying where
+    bad = [k for k, v in fitted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise CheckpointError(
+            f"{name} holds NaN or infinite weights in {len(bad)} tensor(s): {', '.join(bad[:4])}{more}. "
+            "The training run that saved it probably diverged; use an earlier checkpoint.",
+            code="checkpoint_not_finite", name=name, n=len(bad), where=", ".join(bad[:4]) + more)
+    model.load_state_dict(fitted, strict=True)
 
 
 def _fitted(model: nn.Module, sd: dict[str, torch.Tensor], name: str, arch: str) -> dict[str, torch.Tensor]:
@@ -504,6 +514,10 @@ def _build(spec: str, pretrained: bool, ck: Path | None, labels: list[str] | Non
         num_classes = _infer_num_classes(sd)
         if num_classes is not None:
             kwargs = {**kwargs, "num_classes": num_classes}
+        elif not any(k.startswith("head") for k in sd) and "num_classes" not in kwargs:
+            # a backbone saved without its classifier (DINOv2-style features): built without one,
+            # rather than refused for the head's missing weights
+            kwargs = {**kwargs, "num_classes": 0}
         try:  # the architecture's skeleton first, on the meta device: no memory, no time
             with torch.device("meta"):
                 skeleton = timm.create_model(spec, pretrained=False, **kwargs)

@@ -6,6 +6,7 @@ import os
 import pickle
 import time
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -326,6 +327,30 @@ def test_checkpoint_that_does_not_fit_is_refused_before_the_model_is_built(tmp_p
     builds.clear()
     zoo.load_model(ARCH, checkpoint=tmp_path / "fits.pth", use_cache=False, **SMALL)
     assert builds == ["meta", "cpu"]
+
+
+def test_backbone_checkpoint_without_a_head_loads_as_a_feature_model(tmp_path):
+    """A checkpoint saved without its classifier is a feature backbone: it is built without a head
+    (num_classes=0) and explains with no classes, instead of being refused for head.weight."""
+    net = _finetuned(seed=1)
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head")}
+    torch.save(sd, tmp_path / "backbone.pth")
+    m = zoo.load_model(ARCH, checkpoint=tmp_path / "backbone.pth", use_cache=False, **SMALL)
+    assert m.model.num_classes == 0
+    exp = explorer.explain(m, np.full((64, 64, 3), 120, np.uint8))
+    assert exp.topk == [] and exp.logits.shape == (net.embed_dim,)
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path):
+    """A diverged run's weights load and then explain every image as NaN: refused, naming where."""
+    sd = _finetuned(seed=1).state_dict()
+    sd["blocks.0.mlp.fc1.weight"][3, 5] = float("nan")
+    sd["head.bias"][0] = float("inf")
+    torch.save(sd, tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError) as ei:
+        zoo.load_model(ARCH, checkpoint=tmp_path / "diverged.pth", use_cache=False, **SMALL)
+    assert ei.value.code == "checkpoint_not_finite" and ei.value.params["n"] == 2
+    assert "blocks.0.mlp.fc1.weight" in str(ei.value) and "head.bias" in str(ei.value)
 
 
 def test_tnt_checkpoint_into_vit(tmp_path):
