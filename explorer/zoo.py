@@ -247,7 +247,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path.name}: checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}.",
             code="checkpoint_suffix", name=path.name)
-    _check_expansion(path, size)
+    _check_zip(path, size)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -276,8 +276,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 MAX_EXPANSION = 8
 
 
-def _check_expansion(path: Path, size: int) -> None:
-    """Refuse a zip checkpoint whose entries would expand past the size limit, or far past the
+def _check_zip(path: Path, size: int) -> None:
+    """Refuse a TorchScript archive, and a zip checkpoint whose entries would expand past the size limit, or far past the
     file's own size, before torch inflates them in memory: torch.load reads deflated entries too,
     and a 1-MB file of zeros took 1 GiB (a 50-MB upload would have taken tens of GB)."""
     import zipfile
@@ -286,9 +286,16 @@ def _check_expansion(path: Path, size: int) -> None:
         return
     try:
         with zipfile.ZipFile(path) as zf:
-            expanded = sum(max(0, info.file_size) for info in zf.infolist())
+            infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # torch.load will say the file is damaged
+    if any(i.filename.endswith("constants.pkl") or "/code/__torch__/" in i.filename for i in infos):
+        # torch.load's own message for these is advice about weights_only, which would not help
+        raise CheckpointError(
+            f"{path.name} is a TorchScript model (torch.jit.save), not a state dict of weights. Save "
+            "the weights alone (torch.save(model.state_dict(), ...)) or as .safetensors.",
+            code="torchscript", name=path.name)
+    expanded = sum(max(0, info.file_size) for info in infos)
     if expanded > MAX_CHECKPOINT_BYTES or (expanded > 64 * 2**20 and expanded > MAX_EXPANSION * size):
         raise CheckpointError(
             f"{path.name} would expand to {expanded / 2**20:,.0f} MB in memory from a {size / 2**20:,.1f}-MB "

@@ -412,6 +412,19 @@ def test_compressed_checkpoint_is_refused_before_it_expands(tmp_path):
     assert zoo.read_checkpoint(stored)["blob"].shape == (25 * 2**20,)
 
 
+def test_torchscript_file_is_named_as_such(tmp_path):
+    """A TorchScript archive renamed .pth: said to be one, with what to save instead (torch.load's
+    own error is advice about weights_only)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script/save are deprecated
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pth")
+    with pytest.raises(CheckpointError) as ei:
+        zoo.read_checkpoint(tmp_path / "scripted.pth")
+    assert ei.value.code == "torchscript" and "state_dict" in str(ei.value)
+
+
 def test_checkpoint_without_tensors(tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
     with pytest.raises(CheckpointError) as ei:
