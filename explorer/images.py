@@ -98,8 +98,12 @@ def _to_rgb(img: Image.Image, notes: list) -> np.ndarray:
         # 16-bit files: scale by the type's range so 65535 is white, not clipped at 255
         top = 65535.0 if (mode.startswith("I;16") or arr.max() > 255) else 255.0
         if mode == "F":
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+            finite = np.isfinite(arr)
+            if not finite.all():  # one NaN made the whole range NaN: the image came out black
+                notes.append(("non_finite_pixels", {"count": int(arr.size - finite.sum())}))
+                arr = np.where(finite, arr, np.nan)
+            lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if finite.any() else (0.0, 0.0)
+            arr = np.nan_to_num((arr - lo) / (hi - lo or 1.0) * 255.0, nan=0.0)
         else:
             arr = arr / top * 255.0
         notes.append(("rescaled_high_bit_depth", {"mode": mode}))

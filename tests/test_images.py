@@ -483,3 +483,19 @@ def test_patch_count_for():
     assert images.patch_count_for(224, 16, 16) == 14
     assert images.patch_count_for(224, 16, 8) == 27
     assert images.patch_count_for(8, 16, 16) == 0
+
+
+def test_float_tiff_with_a_nan_keeps_its_picture():
+    """A 32-bit float TIFF is scaled from its minimum to its maximum; a NaN or infinite pixel made
+    that range NaN and the whole image black. Those pixels are black now, the rest is scaled from
+    the finite values, and a note says how many there were."""
+    ramp = np.tile(np.linspace(0.0, 2.0, 50, dtype=np.float32), (20, 1))
+    ramp[3, 4] = np.nan
+    ramp[5, 6] = np.inf
+    buf = io.BytesIO()
+    Image.fromarray(ramp, mode="F").save(buf, format="TIFF")
+    d = decode(buf.getvalue())
+    assert d.array[0, 0].tolist() == [0, 0, 0] and d.array[0, -1].tolist() == [255, 255, 255]
+    assert abs(int(d.array[0, 25, 0]) - round(25 / 49 * 255)) <= 1
+    assert d.array[3, 4].tolist() == [0, 0, 0] and d.array[5, 6].tolist() == [0, 0, 0]
+    assert ("non_finite_pixels", {"count": 2}) in d.notes

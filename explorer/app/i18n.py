@@ -44,6 +44,7 @@ EN: dict[str, str] = {
     "notes_rescaled_high_bit_depth": "High bit-depth image: rescaled to 8 bits.",
     "notes_alpha_composited": "Transparent areas were placed on white.",
     "notes_converted_from_cmyk": "CMYK image converted to RGB.",
+    "notes_non_finite_pixels": "{count:,} pixel(s) were not numbers (NaN or infinite) and are shown black.",
     "saw": "The model saw the centre {w}×{h} px of your {W}×{H} px image (its own crop); the rest is dimmed.",
     # tabs
     "tab_attention": "Attention",
@@ -207,6 +208,7 @@ ZH: dict[str, str] = {
     "notes_rescaled_high_bit_depth": "高位深图像：已缩放到 8 位。",
     "notes_alpha_composited": "透明区域已放在白色背景上。",
     "notes_converted_from_cmyk": "CMYK 图像已转换为 RGB。",
+    "notes_non_finite_pixels": "有 {count:,} 个像素不是数值（NaN 或无穷大），显示为黑色。",
     "saw": "模型看到的是你的 {W}×{H} 像素图像中央的 {w}×{h} 像素（模型自己的裁剪），其余部分已变暗。",
     "tab_attention": "注意力",
     "tab_patches": "图像块与 token",
