@@ -274,6 +274,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 #: A zip checkpoint (torch.save's format) may expand at most this many times its size when its
 #: entries are compressed; torch.save itself stores them uncompressed (about 1×).
 MAX_EXPANSION = 8
+#: At most this many tensors in a zip checkpoint (ViT-g/14 has about 600).
+MAX_TENSORS = 20_000
 
 
 def _check_zip(path: Path, size: int) -> None:
@@ -295,6 +297,13 @@ def _check_zip(path: Path, size: int) -> None:
             f"{path.name} is a TorchScript model (torch.jit.save), not a state dict of weights. Save "
             "the weights alone (torch.save(model.state_dict(), ...)) or as .safetensors.",
             code="torchscript", name=path.name)
+    tensors = sum(1 for i in infos if "/data/" in i.filename and not i.filename.endswith("/"))
+    if tensors > MAX_TENSORS:
+        # each storage is read on its own: 100,000 tiny ones held the model slot for 20 s
+        raise CheckpointError(
+            f"{path.name} holds {tensors:,} tensors; a ViT-family checkpoint has hundreds (ViT-g about "
+            f"600), and at most {MAX_TENSORS:,} are read.", code="checkpoint_too_large", reason="tensors",
+            name=path.name, n=tensors, max=MAX_TENSORS)
     expanded = sum(max(0, info.file_size) for info in infos)
     if expanded > MAX_CHECKPOINT_BYTES or (expanded > 64 * 2**20 and expanded > MAX_EXPANSION * size):
         raise CheckpointError(

@@ -412,6 +412,18 @@ def test_compressed_checkpoint_is_refused_before_it_expands(tmp_path):
     assert zoo.read_checkpoint(stored)["blob"].shape == (25 * 2**20,)
 
 
+def test_checkpoint_of_very_many_tensors_is_refused_from_its_directory(tmp_path, monkeypatch):
+    """Each storage is read on its own: a file of 100,000 tiny tensors held the model slot for 20 s.
+    The zip's directory tells how many there are before anything is read."""
+    monkeypatch.setattr(zoo, "MAX_TENSORS", 50)
+    torch.save({f"t{i}": torch.zeros(1) for i in range(51)}, tmp_path / "many.pth")
+    with pytest.raises(CheckpointError) as ei:
+        zoo.read_checkpoint(tmp_path / "many.pth")
+    assert ei.value.code == "checkpoint_too_large" and ei.value.params["n"] == 51
+    torch.save({f"t{i}": torch.zeros(1) for i in range(50)}, tmp_path / "enough.pth")
+    assert len(zoo.read_checkpoint(tmp_path / "enough.pth")) == 50
+
+
 def test_torchscript_file_is_named_as_such(tmp_path):
     """A TorchScript archive renamed .pth: said to be one, with what to save instead (torch.load's
     own error is advice about weights_only)."""

@@ -360,6 +360,7 @@ ERRORS_ZH: dict[str, str] = {
     "checkpoint_too_large": "检查点文件太大。",
     "torchscript": "{name} 是 TorchScript 模型（torch.jit.save），不是权重的 state dict。请只保存权重（torch.save(model.state_dict(), ...)）或保存为 .safetensors。",
     "checkpoint_not_finite": "{name} 中有 {n} 个张量含 NaN 或无穷大的权重：{where}。保存它的训练很可能发散了；请使用更早的检查点。",
+    "checkpoint_too_large.tensors": "{name} 中有 {n:,} 个张量；ViT 系列的检查点只有几百个（ViT-g 约 600 个），最多读取 {max:,} 个。",
     "checkpoint_too_large.expands": "{name} 解压后将在内存中占用 {mb} MB，而文件只有 {file_mb} MB（条目被压缩过）；torch.save 保存的检查点不压缩。请用 torch.save 重新保存，或保存为 .safetensors。",
     "checkpoint_suffix": "检查点文件必须以 .safetensors、.pth、.pt、.bin 或 .ckpt 结尾。",
     "not_state_dict": "{name} 中没有权重张量（state dict）。",
