@@ -279,9 +279,10 @@ MAX_TENSORS = 20_000
 
 
 def _check_zip(path: Path, size: int) -> None:
-    """Refuse a TorchScript archive, and a zip checkpoint whose entries would expand past the size limit, or far past the
-    file's own size, before torch inflates them in memory: torch.load reads deflated entries too,
-    and a 1-MB file of zeros took 1 GiB (a 50-MB upload would have taken tens of GB)."""
+    """Refuse, from a zip checkpoint's directory alone: a TorchScript archive; more than
+    ``MAX_TENSORS`` tensors; entries that would expand past the size limit, or far past the file's
+    own size, before torch inflates them in memory (torch.load reads deflated entries too, and a
+    1-MB file of zeros took 1 GiB: a 50-MB upload would have taken tens of GB)."""
     import zipfile
 
     if not zipfile.is_zipfile(path):
