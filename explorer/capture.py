@@ -658,7 +658,7 @@ def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5)
     names = label_names_for(model, logits.shape[-1])
     # a model built without a classifier head (num_classes=0: DINOv2 backbones) returns its pooled
     # features as "logits"; a softmax over them is no prediction, so none is reported
-    k = 0 if getattr(net, "num_classes", None) == 0 else min(topk, logits.shape[-1])
+    k = 0 if families.is_backbone(net) else min(topk, logits.shape[-1])
     top_p, top_i = probs.topk(k, dim=-1)
     attn = raw.attention  # (B, L, H, T, T), already in the storage dtype
     if attn is None or attn.shape[-1] != layout.num_tokens:

@@ -107,6 +107,12 @@ class ModelFacts:
         return f"{p / 1e6:.1f}M" if p >= 1e6 else f"{p / 1e3:.0f}K"
 
 
+def is_backbone(model: nn.Module) -> bool:
+    """Built without a classifier head (``num_classes=0``, as timm builds DINOv2): its output is
+    pooled features, not class logits."""
+    return getattr(model, "num_classes", None) == 0
+
+
 def family_of(model: nn.Module) -> str:
     """``"vit"`` or ``"tnt"``; raises :class:`ModelSourceError` for anything else."""
     from timm.models.tnt import TNT

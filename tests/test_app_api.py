@@ -388,3 +388,29 @@ def _png_file(tmp_path) -> str:
     p = tmp_path / "mid.png"
     Image.fromarray(np.full((600, 900, 3), 90, np.uint8)).save(p)
     return str(p)
+
+
+def test_start_image_and_gallery_are_examples_the_model_gets_right():
+    """The example shown at start is one the model classifies right (its first choice is the
+    example's folder), the most confident such; the gallery shows one example per class, one the
+    model gets right wherever the class has one. Checked against explanations made here."""
+    from pathlib import Path
+
+    from explorer import explain as explain_py, load_model
+    from explorer.app import handlers as H
+    from explorer.app.tsne import default_example
+    from explorer.images import decode
+
+    shapes = H.examples("shapes")
+    model = load_model("classroom-vit")
+    top = {p: explain_py(model, decode(Path(p).read_bytes()).array).topk[0] for p in shapes}
+    right = {p: t[2] for p, t in top.items() if t[1] == Path(p).parent.name}
+    assert right and len(right) < len(shapes)  # some are wrong: the choice matters
+    start = default_example(shapes, model)
+    assert start in right and right[start] == max(right.values())
+    gallery = H.one_example_per_class(shapes, model)
+    classes = sorted({Path(p).parent.name for p in shapes})
+    assert [Path(p).parent.name for p in gallery] == classes
+    for p in gallery:
+        mine = [q for q in right if Path(q).parent.name == Path(p).parent.name]
+        assert (p in right) == bool(mine) and (not mine or right[p] == max(right[q] for q in mine))

@@ -43,7 +43,7 @@ def embed_images(model: Any, images: Sequence[Any], *, batch_size: int = 32,
     cfg = getattr(model, "data_config", None) or DataConfig.from_model(net, families.default_input_size(net))
     layout = families.layout_for(net, cfg.input_size)
     cls = layout.prefix_roles.index("cls") if layout.has_class_token else None
-    headless = getattr(net, "num_classes", None) == 0
+    headless = families.is_backbone(net)
     per_layer, finals, preds = [], [], []
     n = len(images)
     for start in range(0, n, batch_size):
@@ -75,7 +75,7 @@ def head_input(net: Any, final_tokens: Any, cls: int | None, num_prefix: int) ->
         try:
             return net.forward_head(final_tokens, pre_logits=True)
         except (AttributeError, TypeError, RuntimeError):
-            return final_tokens[:, cls] if cls is not None else final_tokens[:, num_prefix:].mean(1)
+            return final_tokens[:, num_prefix:].mean(1)
 
 
 def check_count(n: int) -> None:

@@ -100,18 +100,15 @@ def example_scores(loaded: Any, paths: list[str]) -> dict[str, float]:
     """
     key = (loaded.name, tuple(paths))
     if key not in _EXAMPLE_SCORES:
-        names = list(loaded.label_names or [])
         scores = {}
         for p in paths:
-            truth = Path(p).parent.name
             try:
                 exp = explain(loaded, decode(Path(p).read_bytes()).array)
             except (ExplorerError, OSError):
-                scores[p] = -1.0
-                continue
-            probs = {names[i] if i < len(names) else label: float(q) for i, label, q in exp.topk}
-            top = max(probs, key=probs.get) if probs else None
-            scores[p] = probs[truth] if top == truth else -1.0
+                exp = None
+            # topk is best first, named by the model's labels (the folders' names for the bundled set)
+            right = exp is not None and bool(exp.topk) and exp.topk[0][1] == Path(p).parent.name
+            scores[p] = float(exp.topk[0][2]) if right else -1.0
         _EXAMPLE_SCORES[key] = scores
     return _EXAMPLE_SCORES[key]
 
