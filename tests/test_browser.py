@@ -53,14 +53,19 @@ def overlay_src(pg) -> str:
     return pg.locator("#overlay img").first.get_attribute("src") or ""
 
 
-def wait_change(pg, get, before, timeout=90.0):
+def wait_change(pg, get, before, what: str, timeout=90.0):
+    """Until ``get()`` is non-empty and differs from ``before``; on a timeout, a screenshot of the
+    page is kept beside the others and the message says what did not change."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         now = get()
         if now and now != before:
             return now
         time.sleep(0.2)
-    raise AssertionError("the page did not update")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / "failed.png"), full_page=True)
+    raise AssertionError(f"the page did not update: {what} stayed {str(before)[:80]!r} for {timeout:.0f} s "
+                         f"(screenshot: {SHOTS / 'failed.png'})")
 
 
 def wait_text(pg, selector: str, text: str) -> None:
@@ -123,7 +128,7 @@ def test_upload_click_tabs_and_chinese(page):
     first = overlay_src(pg)
     ring = sorted((ROOT / "assets" / "examples" / "shapes" / "ring").glob("ring_*[0-9].png"))[0]
     pg.set_input_files("#image input[type=file]", str(ring))
-    wait_change(pg, lambda: overlay_src(pg), first)
+    wait_change(pg, lambda: overlay_src(pg), first, "the overlay after the upload")
     pg.wait_for_function("document.querySelector('#prediction') && "
                          "document.querySelector('#prediction').innerText.includes('%')")
     wait_text(pg, "#caption", "class token")
@@ -131,14 +136,14 @@ def test_upload_click_tabs_and_chinese(page):
     box = pg.locator("#overlay img").first.bounding_box()
     before = overlay_src(pg)
     pg.mouse.click(box["x"] + box["width"] * (5.5 / 8), box["y"] + box["height"] * (2.5 / 8))
-    wait_change(pg, lambda: query_value(pg), "0")
+    wait_change(pg, lambda: query_value(pg), "0", "the query box after the click")
     assert query_value(pg) == str(1 + 2 * 8 + 5)
     # the query box, caption and overlay arrive in one event but may be drawn one after another
     wait_text(pg, "#caption", "token 22 (the patch in row 3, column 6)")
-    wait_change(pg, lambda: overlay_src(pg), before)
+    wait_change(pg, lambda: overlay_src(pg), before, "the overlay after the click")
     check_layer_head_hover_data(pg)
     pg.click("#reset")
-    wait_change(pg, lambda: query_value(pg), str(1 + 2 * 8 + 5))
+    wait_change(pg, lambda: query_value(pg), str(1 + 2 * 8 + 5), "the query box after Reset")
     assert query_value(pg) == "0"
     shoot_all_tabs(pg, "en")
     # switch to Chinese
