@@ -258,6 +258,15 @@ def test_tnt_shows_inner_attention(client):
     top = int(np.argmax(exp.rollout_row(0, RolloutOptions())[1:])) + 1
     assert f"inside the patch of token {top}, layer 1:" in v["inner_md"], v["inner_md"]
     assert "each of its 16 words (2×2 pixels each)" in v["inner_md"]
+    # the word named as drawing the most, and its share, recomputed from the inner attention:
+    # (H_in, words, words) rows, summed over heads and query words, over all of them
+    a = exp.inner_attention[0, top - 1].astype(np.float64)
+    received = a.sum(axis=(0, 1)) / (a.shape[0] * a.shape[1])
+    assert abs(received.sum() - 1) < 1e-5
+    r, c = divmod(int(received.argmax()), 4)
+    assert (f"the most, {100 * received.max():.0f}%, goes to the word in row {r + 1}, column {c + 1} "
+            "(6.2% each if all were equal)") in v["inner_md"], v["inner_md"]
+    assert inner.shape[1] > 2 * inner.shape[0]  # the patch's pixels beside the shares
 
 
 def test_bad_inputs_get_clear_messages(client, tmp_path):

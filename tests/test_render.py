@@ -196,6 +196,34 @@ def test_tile_maps_shape_and_content(shape, size, pad):
     assert (out[pad:pad + size, x:x + size] == ov.colormap_lut()[0]).all()
 
 
+@pytest.mark.parametrize("words", [4, 8])
+def test_word_panels_show_the_patch_and_each_words_share(words):
+    """TNT's inner view: the patch's pixels (left) and the shares coloured from smallest to largest
+    (right), read at a corner of every word's cell, where neither grid lines nor labels are drawn."""
+    rng = np.random.default_rng(3)
+    patch = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    shares = rng.random((words, words)) + 0.1
+    shares /= shares.sum()
+    size, gap = 220, 12
+    img = ov.word_panels(patch, shares, size=size, gap=gap)
+    assert img.shape == (size, 2 * size + gap, 3) and img.dtype == np.uint8
+    assert (img[:, size:size + gap] == 255).all()
+    lut = ov.colormap_lut("inferno")
+    level = np.round((shares - shares.min()) / (shares.max() - shares.min()) * 255).astype(int)
+    cell = size / words
+    px = 16 / size
+    labelled = 0
+    for r in range(words):
+        for c in range(words):
+            y, x = int(r * cell + 4), int(c * cell + 4)  # inside the cell, off the lines and the label
+            assert (img[y, x] == patch[int(y * px), int(x * px)]).all()
+            assert (img[y, size + gap + x] == lut[level[r, c]]).all(), (r, c)
+            centre = img[int((r + 0.5) * cell), size + gap + int(c * cell + 3):size + gap + int((c + 1) * cell - 3)]
+            labelled += not (centre == lut[level[r, c]]).all(-1).all()
+    # 4×4 words (55-px cells) carry their share as text; 8×8 (27-px cells) are too small for it
+    assert labelled == (words * words if words == 4 else 0)
+
+
 def test_figure_tile_with_nan_gaps():
     from explorer.render.figures import tile
 

@@ -175,7 +175,8 @@ def create_attention_tab(ui: UI) -> None:
                 ui.export_file = gr.File(visible=False, interactive=False, elem_id="export_file")
         ui.layer_head = gr.Plot(show_label=False, elem_id="layer_head")
         with gr.Row(visible=False) as ui.inner_row:
-            ui.inner_img = gr.Image(type="numpy", interactive=False, show_label=False, height=220, elem_id="inner")
+            ui.inner_img = gr.Image(type="numpy", interactive=False, show_label=False, height=220, elem_id="inner",
+                                    buttons=[])  # no icons over the top-right share
             with gr.Column():
                 ui.inner_md = gr.Markdown()
                 ui.inner_layer = T(gr.Slider(1, 12, value=1, step=1, elem_id="inner_layer"), label="inner_layer")

@@ -201,12 +201,13 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
     r, c = divmod(patch, lay.grid[1])
     ph, pw = lay.patch_size
     crop_patch = exp.crop[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
-    big = overlay.upscale_nearest(crop_patch, 192)
-    img = overlay.overlay(big, m, alpha=0.55, smooth=False)
-    img = overlay.patch_grid(img, m.shape, labels=False, colour=(255, 255, 255))
+    img = overlay.word_panels(crop_patch, m)
     wr, wc = m.shape
     word = f"{ph // wr}×{pw // wc}" if ph % wr == 0 and pw % wc == 0 else f"{ph / wr:g}×{pw / wc:g}"
+    top_r, top_c = divmod(int(np.argmax(m)), wc)
     title = t(lang, "inner_title", token=patch + lay.num_prefix, layer=layer + 1, n=wr * wc, word=word)
+    title += t(lang, "inner_most", row=top_r + 1, col=top_c + 1, share=f"{100 * float(m.max()):.0f}",
+               even=f"{100 / (wr * wc):.1f}")
     return img, f"{title}\n\n{t(lang, 'howto_inner')}"
 
 
