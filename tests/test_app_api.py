@@ -265,7 +265,7 @@ def test_tnt_shows_inner_attention(client):
     assert abs(received.sum() - 1) < 1e-5
     r, c = divmod(int(received.argmax()), 4)
     assert (f"the most, {100 * received.max():.0f}%, goes to the word in row {r + 1}, column {c + 1} "
-            "(6.2% each if all were equal)") in v["inner_md"], v["inner_md"]
+            "(6.25% each if all were equal)") in v["inner_md"], v["inner_md"]
     assert inner.shape[1] > 2 * inner.shape[0]  # the patch's pixels beside the shares
 
 

@@ -207,7 +207,7 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
     top_r, top_c = divmod(int(np.argmax(m)), wc)
     title = t(lang, "inner_title", token=patch + lay.num_prefix, layer=layer + 1, n=wr * wc, word=word)
     title += t(lang, "inner_most", row=top_r + 1, col=top_c + 1, share=f"{100 * float(m.max()):.0f}",
-               even=f"{100 / (wr * wc):.1f}")
+               even=f"{100 / (wr * wc):.3g}")
     return img, f"{title}\n\n{t(lang, 'howto_inner')}"
 
 
