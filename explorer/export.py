@@ -29,6 +29,23 @@ class ExportError(ExplorerError):
     code = "disk"
 
 
+#: what each array of ``arrays.npz`` holds (written into ``summary.json`` beside its shape); index 0
+#: of a layer axis is the first block, which the app calls layer 1
+ARRAYS = {
+    "attention": "(layers, heads, tokens, tokens): attention weights, rows (queries) sum to 1; "
+                 "tokens in the model's order, prefix tokens (class, distillation, registers) first",
+    "tokens": "(layers + 1, tokens, width): token states: the first block's input (patch "
+              "embeddings, prefix tokens and position embedding), then each block's output",
+    "logits": "(classes,): the classifier's output",
+    "rollout": "(tokens,): the attention rollout row of the query token with these rollout settings",
+    "attention_distance": "(layers, heads): mean attention distance in pixels of the model's input, "
+                          "patch queries to patch keys (ViT paper Fig. 7)",
+    "crop": "(height, width, 3): the image as the model saw it, uint8 RGB",
+    "inner_attention": "TNT (layers, patches, inner heads, words, words): attention among the pixel "
+                       "words inside each patch, rows sum to 1",
+}
+
+
 def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions, query: int,
               model_name: str) -> dict[str, bytes]:
     """Every file of an explanation, in memory: ``{name: bytes}``."""
@@ -54,9 +71,12 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
              "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
                                                    first_index=lay.num_prefix)),
              "layers_heads.png": png(overlay.tile_maps(maps)), **drawn}
+    arrays = {"attention": exp.attention, "tokens": exp.tokens, "logits": exp.logits, "rollout": row,
+              "attention_distance": exp.attention_distance(), "crop": exp.crop}
+    if exp.inner_attention is not None:  # TNT: attention among the words inside each patch
+        arrays["inner_attention"] = exp.inner_attention
     buf = io.BytesIO()
-    np.savez_compressed(buf, attention=exp.attention, tokens=exp.tokens, logits=exp.logits, rollout=row,
-                        crop=exp.crop)
+    np.savez_compressed(buf, **arrays)
     files["arrays.npz"] = buf.getvalue()
     files["summary.json"] = json.dumps({
         "model": model_name, "family": exp.family,
@@ -65,7 +85,9 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
         "crop_box": list(exp.box), "image_size": list(exp.image_size), "query": query,
         "rollout": {"head_fusion": opts.head_fusion, "discard_ratio": opts.discard_ratio,
                     "start_layer": opts.start_layer + 1, "start_block_index": opts.start_layer},
-        "notes": [c for c, _ in exp.notes]}, indent=1, ensure_ascii=False).encode()
+        "notes": [c for c, _ in exp.notes],
+        "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "meaning": ARRAYS[name]}
+                   for name, a in arrays.items()}}, indent=1, ensure_ascii=False).encode()
     return files
 
 

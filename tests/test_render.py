@@ -410,6 +410,44 @@ def test_export_writes_every_overlay_the_viewer_would_draw(vit_model):
         np.testing.assert_array_equal(got, ov.overlay(img, m, box=e.box), err_msg=name)
 
 
+def test_export_arrays_hold_what_the_views_show_and_the_summary_names_them(vit_model, tnt_model):
+    """arrays.npz holds the attention, token states, logits, the rollout row, the mean attention
+    distance of the receptive-field view (recomputed here from the attention by the paper's
+    formula) and, for TNT, the inner attention; summary.json names each with its shape."""
+    import io
+    import json
+
+    import explorer
+    from explorer import analysis, export
+
+    img = _image(70, 130, seed=7)
+    for model in (vit_model, tnt_model):
+        e = explorer.explain(model, img)
+        opts = analysis.RolloutOptions()
+        q = e.layout.default_query()
+        files = export.artefacts(e, img, opts, q, "tiny")
+        arrays = np.load(io.BytesIO(files["arrays.npz"]))
+        summary = json.loads(files["summary.json"])["arrays"]
+        assert set(arrays.files) == set(summary)
+        for name in arrays.files:
+            assert summary[name]["shape"] == list(arrays[name].shape) and summary[name]["meaning"]
+        np.testing.assert_array_equal(arrays["attention"], e.attention)
+        np.testing.assert_array_equal(arrays["rollout"], e.rollout_row(q, opts))
+        # Σ_k a_qk·d_qk over patch keys, renormalised over them, averaged over patch queries
+        lay = e.layout
+        p = lay.num_prefix
+        a = e.attention[:, :, p:, p:].astype(np.float64)
+        rows, cols = np.divmod(np.arange(lay.num_patches), lay.grid[1])
+        ph, pw = lay.patch_size
+        d = np.hypot((rows[:, None] - rows[None]) * ph, (cols[:, None] - cols[None]) * pw)
+        mad = ((a * d).sum(-1) / a.sum(-1)).mean(-1)
+        np.testing.assert_allclose(arrays["attention_distance"], mad, rtol=1e-5)
+        if e.inner_attention is None:
+            assert "inner_attention" not in arrays.files
+        else:
+            np.testing.assert_array_equal(arrays["inner_attention"], e.inner_attention)
+
+
 def test_similarity_panels_stretch_colours_but_hover_the_true_cosine():
     """Each panel is its own trace holding its true cosines. A stretched panel (the sine-cosine
     references) is coloured from its own minimum to its maximum and named with that range; the
