@@ -75,9 +75,7 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
               "attention_distance": exp.attention_distance(), "crop": exp.crop}
     if exp.inner_attention is not None:  # TNT: attention among the words inside each patch
         arrays["inner_attention"] = exp.inner_attention
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    files["arrays.npz"] = buf.getvalue()
+    files["arrays.npz"] = npz(arrays)
     files["summary.json"] = json.dumps({
         "model": model_name, "family": exp.family,
         "prediction": [{"class": i, "label": lb, "prob": p} for i, lb, p in exp.topk],
@@ -89,6 +87,23 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
         "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "meaning": ARRAYS[name]}
                    for name, a in arrays.items()}}, indent=1, ensure_ascii=False).encode()
     return files
+
+
+def npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """The arrays as an ``.npz`` that ``np.load`` reads, deflated at level 1: weights and token
+    states are float noise to zlib, which at numpy's level 6 took 2.7× the time for 1 % less
+    (1370 tokens: 26 s against 9.5 s for 231 MB)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+#: entries already compressed: stored in the download as they are (deflating 231 MB of npz again
+#: took 6.5 s and saved nothing)
+_COMPRESSED = (".png", ".npz")
 
 
 def _disk_error(err: OSError, where: Path) -> ExportError:
@@ -121,7 +136,7 @@ def write_zip(files: dict[str, bytes], out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             for name, data in files.items():
-                zf.writestr(name, data)
+                zf.writestr(name, data, zipfile.ZIP_STORED if name.endswith(_COMPRESSED) else zipfile.ZIP_DEFLATED)
         os.replace(tmp, out)
         return out
     except OSError as err:

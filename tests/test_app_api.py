@@ -388,6 +388,13 @@ def test_session_keeps_the_shown_image_and_the_upload_not_the_full_photo(vit_mod
     assert H.click(s, centre).query == s.exp.layout.token_of_patch(2, 1)
     z = zipfile.ZipFile(H.export(s, "en", H.Controls(), folder=str(tmp_path)))
     assert Image.open(io.BytesIO(z.read("rollout.png"))).size == (4000, 2400)
+    # what is compressed already (PNG, npz) is stored as it is; the JSON is deflated
+    kinds = {i.filename: i.compress_type for i in z.infolist()}
+    assert kinds["rollout.png"] == kinds["arrays.npz"] == zipfile.ZIP_STORED
+    assert kinds["summary.json"] == zipfile.ZIP_DEFLATED
+    arrays = np.load(io.BytesIO(z.read("arrays.npz")))
+    np.testing.assert_array_equal(arrays["attention"], s.exp.attention)
+    np.testing.assert_array_equal(arrays["tokens"], s.exp.tokens)
     # an image already small enough is kept as it is, without the upload
     small = H.explain_file(vit_model, _png_file(tmp_path), "en", "vit")
     assert small.source is None and small.full_image() is small.image
