@@ -79,6 +79,9 @@ class Explanation:
     head_mean: np.ndarray | None = None
     #: (L, H) mean attention distance in input pixels, computed at capture from float32 attention
     distance: np.ndarray | None = None
+    #: False for a model built without a classifier (a DINOv2 backbone): ``logits`` are then its
+    #: pooled features and ``probs`` mean nothing
+    classifier: bool = True
     #: derived arrays kept for repeated views (rollout's layers per head fusion, the links' ranks,
     #: row sums); never part of the results, cleared freely
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -658,7 +661,8 @@ def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5)
     names = label_names_for(model, logits.shape[-1])
     # a model built without a classifier head (num_classes=0: DINOv2 backbones) returns its pooled
     # features as "logits"; a softmax over them is no prediction, so none is reported
-    k = 0 if families.is_backbone(net) else min(topk, logits.shape[-1])
+    classifier = not families.is_backbone(net)
+    k = min(topk, logits.shape[-1]) if classifier else 0
     top_p, top_i = probs.topk(k, dim=-1)
     attn = raw.attention  # (B, L, H, T, T), already in the storage dtype
     if attn is None or attn.shape[-1] != layout.num_tokens:
@@ -680,7 +684,7 @@ def build_explanations(model: Any, batch: Batch, raw: RawCapture, topk: int = 5)
         final_tokens=raw.final_tokens[i].float().numpy(), crop=p.crop, box=p.box, image_size=d.size,
         position_embeddings=pos, inner_attention=None if inner is None else inner[i], notes=d.notes,
         head_mean=None if raw.head_mean is None else raw.head_mean[i].numpy(),
-        distance=None if raw.distance is None else raw.distance[i].numpy())
+        distance=None if raw.distance is None else raw.distance[i].numpy(), classifier=classifier)
         for i, (d, p) in enumerate(zip(batch.decoded, batch.prepared))]
 
 

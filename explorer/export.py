@@ -29,21 +29,23 @@ class ExportError(ExplorerError):
     code = "disk"
 
 
-#: what each array of ``arrays.npz`` holds (written into ``summary.json`` beside its shape); index 0
-#: of a layer axis is the first block, which the app calls layer 1
+#: what each array of ``arrays.npz`` holds (written into ``summary.json`` beside its shape)
 ARRAYS = {
     "attention": "(layers, heads, tokens, tokens): attention weights, rows (queries) sum to 1; "
                  "tokens in the model's order, prefix tokens (class, distillation, registers) first",
-    "tokens": "(layers + 1, tokens, width): token states: the first block's input (patch "
-              "embeddings, prefix tokens and position embedding), then each block's output",
+    "tokens": "(layers + 1, tokens, width): token states: the input of the first block, then the "
+              "output of each block",
     "logits": "(classes,): the classifier's output",
+    "features": "(width,): the pooled features the model ends with (it has no classifier)",
     "rollout": "(tokens,): the attention rollout row of the query token with these rollout settings",
     "attention_distance": "(layers, heads): mean attention distance in pixels of the model's input, "
                           "patch queries to patch keys (ViT paper Fig. 7)",
     "crop": "(height, width, 3): the image as the model saw it, uint8 RGB",
     "inner_attention": "TNT (layers, patches, inner heads, words, words): attention among the pixel "
-                       "words inside each patch, rows sum to 1",
+                       "words inside each patch, rows sum to 1; words row-major over the word grid",
 }
+#: written into ``summary.json``: how its layer axes count
+LAYER_AXES = "index 0 of every layer axis is the first block, which the app calls layer 1"
 
 
 def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions, query: int,
@@ -71,21 +73,26 @@ def artefacts(exp: Explanation, image: np.ndarray, opts: analysis.RolloutOptions
              "patches.png": png(overlay.patch_grid(overlay.upscale_nearest(exp.crop, 448), lay.grid,
                                                    first_index=lay.num_prefix)),
              "layers_heads.png": png(overlay.tile_maps(maps)), **drawn}
-    arrays = {"attention": exp.attention, "tokens": exp.tokens, "logits": exp.logits, "rollout": row,
+    # a model without a classifier (a DINOv2 backbone) ends with its pooled features
+    out_name = "logits" if exp.classifier else "features"
+    arrays = {"attention": exp.attention, "tokens": exp.tokens, out_name: exp.logits, "rollout": row,
               "attention_distance": exp.attention_distance(), "crop": exp.crop}
+    layout = {"prefix": list(lay.prefix_roles), "grid": list(lay.grid), "patch": list(lay.patch_size)}
     if exp.inner_attention is not None:  # TNT: attention among the words inside each patch
         arrays["inner_attention"] = exp.inner_attention
+        layout["word_grid"] = list(analysis.word_grid(exp.inner_attention.shape[-1], tuple(lay.patch_size)))
     files["arrays.npz"] = npz(arrays)
     files["summary.json"] = json.dumps({
         "model": model_name, "family": exp.family,
         "prediction": [{"class": i, "label": lb, "prob": p} for i, lb, p in exp.topk],
-        "layout": {"prefix": list(lay.prefix_roles), "grid": list(lay.grid), "patch": list(lay.patch_size)},
+        "layout": layout,
         "crop_box": list(exp.box), "image_size": list(exp.image_size), "query": query,
         "rollout": {"head_fusion": opts.head_fusion, "discard_ratio": opts.discard_ratio,
                     "start_layer": opts.start_layer + 1, "start_block_index": opts.start_layer},
         "notes": [c for c, _ in exp.notes],
         "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "meaning": ARRAYS[name]}
-                   for name, a in arrays.items()}}, indent=1, ensure_ascii=False).encode()
+                   for name, a in arrays.items()},
+        "layer_axes": LAYER_AXES}, indent=1, ensure_ascii=False).encode()
     return files
 
 

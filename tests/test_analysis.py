@@ -394,6 +394,19 @@ def test_inner_map():
     np.testing.assert_allclose(m, inner[1, 4, 2, 7].reshape(4, 4))
     m = inner_map(inner, patch=4, layer=1)
     np.testing.assert_allclose(m, inner[1, 4].mean(0).mean(0).reshape(4, 4), atol=1e-6)
+    # a 16×8 patch holds 4×2 words, row-major (timm's PixelEmbed keeps the patch's shape)
+    tall = rng.random((1, 2, 2, 8, 8)).astype(np.float32)
+    m = inner_map(tall, patch=1, layer=0, patch_size=(16, 8))
+    np.testing.assert_allclose(m, tall[0, 1].mean(0).mean(0).reshape(4, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("words, patch, grid", [(16, (16, 16), (4, 4)), (8, (16, 8), (4, 2)), (8, (8, 16), (2, 4)),
+                                                (12, (16, 12), (4, 3)), (64, None, (8, 8)), (1, (16, 16), (1, 1)),
+                                                (7, (16, 16), (1, 7))])
+def test_word_grid_keeps_the_patch_shape(words, patch, grid):
+    from explorer.analysis import word_grid
+
+    assert word_grid(words, patch) == grid
 
 
 def test_token_norms_equals_numpy():

@@ -264,9 +264,43 @@ def test_tnt_shows_inner_attention(client):
     received = a.sum(axis=(0, 1)) / (a.shape[0] * a.shape[1])
     assert abs(received.sum() - 1) < 1e-5
     r, c = divmod(int(received.argmax()), 4)
-    assert (f"the most, {100 * received.max():.0f}%, goes to the word in row {r + 1}, column {c + 1} "
-            "(6.25% each if all were equal)") in v["inner_md"], v["inner_md"]
-    assert inner.shape[1] > 2 * inner.shape[0]  # the patch's pixels beside the shares
+    said = re.search(r"the most, ([0-9.]+)%, goes to the word in row (\d+), column (\d+) "
+                     r"\(([0-9.]+)% each if all were equal\)", v["inner_md"])
+    assert said, v["inner_md"]
+    assert abs(float(said[1]) / (100 * received.max()) - 1) < 5e-3  # three significant digits
+    assert (int(said[2]), int(said[3])) == (r + 1, c + 1) and float(said[4]) == 6.25
+    assert inner.shape[1] == 2 * inner.shape[0] + 12  # the patch's pixels beside the shares, square panels
+
+
+def test_inner_view_of_a_clicked_patch_and_of_even_shares(tnt_model, tmp_path):
+    """Inside a clicked patch, at the last layer: the word named and its share, recomputed from the
+    inner attention (summed over heads and query words); when every word gets the same share, the
+    caption says so and names no word."""
+    import dataclasses
+
+    from explorer.app import handlers as H
+    from explorer.app.views import inner_view
+
+    s = H.explain_file(tnt_model, _png_file(tmp_path), "en", "tnt")
+    lay = s.exp.layout
+    token = lay.num_prefix + lay.num_patches - 2
+    s = H.set_query(s, token)
+    last = s.exp.num_layers - 1
+    _img, md = inner_view(s, "en", last)
+    a = s.exp.inner_attention[last, token - lay.num_prefix].astype(np.float64)
+    received = a.sum(axis=(0, 1)) / (a.shape[0] * a.shape[1])
+    words = received.size
+    side = int(round(np.sqrt(words)))
+    r, c = divmod(int(received.argmax()), side)
+    assert f"inside the patch of token {token}, layer {last + 1}:" in md
+    said = re.search(r"the most, ([0-9.e-]+)%, goes to the word in row (\d+), column (\d+) \(([0-9.]+)% each", md)
+    assert said, md
+    assert abs(float(said[1]) / (100 * received.max()) - 1) < 5e-3
+    assert (int(said[2]), int(said[3])) == (r + 1, c + 1)
+    assert abs(float(said[4]) - 100 / words) < 5e-3 * 100 / words
+    even = dataclasses.replace(s.exp, inner_attention=np.full_like(s.exp.inner_attention, 1 / words))
+    _img, md = inner_view(dataclasses.replace(s, exp=even), "en", last)
+    assert f"every word gets the same share, {100 / words:.3g}%" in md and "the most" not in md
 
 
 def test_bad_inputs_get_clear_messages(client, tmp_path):

@@ -54,18 +54,22 @@ def overlay_src(pg) -> str:
 
 
 def wait_change(pg, get, before, what: str, timeout=90.0):
-    """Until ``get()`` is non-empty and differs from ``before``; on a timeout, a screenshot of the
-    page is kept beside the others and the message says what did not change."""
+    """Until ``get()`` is non-empty and differs from ``before``; on a timeout, the message says what
+    did not change and a screenshot of the page is kept in tests/artifacts."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         now = get()
         if now and now != before:
             return now
         time.sleep(0.2)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    pg.screenshot(path=str(SHOTS / "failed.png"), full_page=True)
-    raise AssertionError(f"the page did not update: {what} stayed {str(before)[:80]!r} for {timeout:.0f} s "
-                         f"(screenshot: {SHOTS / 'failed.png'})")
+    shot = ROOT / "tests" / "artifacts" / "failed.png"  # never among the README's screenshots
+    try:
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(shot), full_page=True, timeout=10_000)
+        where = f"screenshot: {shot}"
+    except Exception as e:  # a crashed page: the message below still says what did not change
+        where = f"no screenshot: {type(e).__name__}"
+    raise AssertionError(f"the page did not update: {what} stayed {str(before)[:80]!r} for {timeout:.0f} s ({where})")
 
 
 def wait_text(pg, selector: str, text: str) -> None:

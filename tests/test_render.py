@@ -198,7 +198,7 @@ def test_tile_maps_shape_and_content(shape, size, pad):
 
 @pytest.mark.parametrize("words", [4, 8])
 def test_word_panels_show_the_patch_and_each_words_share(words):
-    """TNT's inner view: the patch's pixels (left) and the shares coloured from smallest to largest
+    """TNT's inner view: the patch's pixels (left) and the shares coloured from 0 to the largest
     (right), read at a corner of every word's cell, where neither grid lines nor labels are drawn."""
     rng = np.random.default_rng(3)
     patch = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
@@ -209,7 +209,7 @@ def test_word_panels_show_the_patch_and_each_words_share(words):
     assert img.shape == (size, 2 * size + gap, 3) and img.dtype == np.uint8
     assert (img[:, size:size + gap] == 255).all()
     lut = ov.colormap_lut("inferno")
-    level = np.round((shares - shares.min()) / (shares.max() - shares.min()) * 255).astype(int)
+    level = np.round(shares / shares.max() * 255).astype(int)
     cell = size / words
     px = 16 / size
     labelled = 0
@@ -222,6 +222,23 @@ def test_word_panels_show_the_patch_and_each_words_share(words):
             labelled += not (centre == lut[level[r, c]]).all(-1).all()
     # 4×4 words (55-px cells) carry their share as text; 8×8 (27-px cells) are too small for it
     assert labelled == (words * words if words == 4 else 0)
+
+
+def test_word_panels_keep_equal_shares_equal_and_the_patch_shape():
+    """Equal shares are one colour, the brightest (colours run from 0, not from the smallest
+    share); a 16×8 patch keeps its shape; a NaN share is drawn as 0 instead of blackening all."""
+    lut = ov.colormap_lut("inferno")
+    patch = np.random.default_rng(4).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    img = ov.word_panels(patch, np.full((4, 2), 1 / 8), size=200, gap=10)
+    assert img.shape == (200, 2 * 100 + 10, 3)
+    right = img[:, 110:]
+    for r in range(4):
+        for c in range(2):
+            assert (right[r * 50 + 3, c * 50 + 3] == lut[255]).all()
+    shares = np.full((4, 4), 1 / 16)
+    shares[0, 0] = np.nan
+    img = ov.word_panels(np.zeros((16, 16, 3), np.uint8), shares, size=220, gap=12)
+    assert (img[3, 232 + 3] == lut[0]).all() and (img[3, 232 + 58] == lut[255]).all()
 
 
 def test_figure_tile_with_nan_gaps():
@@ -411,26 +428,33 @@ def test_export_writes_every_overlay_the_viewer_would_draw(vit_model):
 
 
 def test_export_arrays_hold_what_the_views_show_and_the_summary_names_them(vit_model, tnt_model):
-    """arrays.npz holds the attention, token states, logits, the rollout row, the mean attention
-    distance of the receptive-field view (recomputed here from the attention by the paper's
-    formula) and, for TNT, the inner attention; summary.json names each with its shape."""
+    """arrays.npz holds the attention, token states, logits (a backbone's pooled features, named
+    so), the rollout row, the mean attention distance of the receptive-field view (recomputed
+    here from the attention by the paper's formula) and, for TNT, the inner attention with its
+    word grid; summary.json names each with its shape and says how layer axes count."""
     import io
     import json
 
     import explorer
+    from conftest import build
     from explorer import analysis, export
 
     img = _image(70, 130, seed=7)
-    for model in (vit_model, tnt_model):
+    for model in (vit_model, tnt_model, build("dinov2")):
         e = explorer.explain(model, img)
         opts = analysis.RolloutOptions()
         q = e.layout.default_query()
         files = export.artefacts(e, img, opts, q, "tiny")
         arrays = np.load(io.BytesIO(files["arrays.npz"]))
-        summary = json.loads(files["summary.json"])["arrays"]
-        assert set(arrays.files) == set(summary)
+        summary = json.loads(files["summary.json"])
+        assert "first block" in summary["layer_axes"]
+        assert set(arrays.files) == set(summary["arrays"])
         for name in arrays.files:
-            assert summary[name]["shape"] == list(arrays[name].shape) and summary[name]["meaning"]
+            assert summary["arrays"][name]["shape"] == list(arrays[name].shape) and summary["arrays"][name]["meaning"]
+        out = "logits" if e.topk else "features"  # the backbone has no classifier, hence no prediction
+        assert out in arrays.files and ({"logits", "features"} - {out}).isdisjoint(arrays.files)
+        np.testing.assert_array_equal(arrays[out], e.logits)
+        assert (summary["prediction"] == []) == (out == "features")
         np.testing.assert_array_equal(arrays["attention"], e.attention)
         np.testing.assert_array_equal(arrays["rollout"], e.rollout_row(q, opts))
         # Σ_k a_qk·d_qk over patch keys, renormalised over them, averaged over patch queries
@@ -443,9 +467,11 @@ def test_export_arrays_hold_what_the_views_show_and_the_summary_names_them(vit_m
         mad = ((a * d).sum(-1) / a.sum(-1)).mean(-1)
         np.testing.assert_allclose(arrays["attention_distance"], mad, rtol=1e-5)
         if e.inner_attention is None:
-            assert "inner_attention" not in arrays.files
+            assert "inner_attention" not in arrays.files and "word_grid" not in summary["layout"]
         else:
             np.testing.assert_array_equal(arrays["inner_attention"], e.inner_attention)
+            rows, cols = summary["layout"]["word_grid"]
+            assert rows * cols == e.inner_attention.shape[-1] and rows == cols  # square patches
 
 
 def test_similarity_panels_stretch_colours_but_hover_the_true_cosine():

@@ -184,7 +184,8 @@ def layer_head_figure(s: Session, lang: str):
 
 
 def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, str]:
-    """TNT: inner attention inside the query patch (or the centre patch for the class token)."""
+    """TNT: inner attention inside the query patch; for a prefix token (which has no patch), inside
+    the patch that token's rollout with the paper's settings reaches most."""
     exp = s.exp
     assert exp is not None
     if exp.inner_attention is None:
@@ -197,17 +198,21 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
         patch = exp._cached(("inner_patch", q), lambda: int(np.argmax(
             exp.rollout_row(q, analysis.RolloutOptions())[lay.num_prefix:])))
     layer = int(min(max(layer, 0), exp.num_layers - 1))
-    m = analysis.inner_map(exp.inner_attention, patch, layer)
-    r, c = divmod(patch, lay.grid[1])
     ph, pw = lay.patch_size
+    m = analysis.inner_map(exp.inner_attention, patch, layer, patch_size=(ph, pw))
+    r, c = divmod(patch, lay.grid[1])
     crop_patch = exp.crop[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
     img = overlay.word_panels(crop_patch, m)
     wr, wc = m.shape
     word = f"{ph // wr}×{pw // wc}" if ph % wr == 0 and pw % wc == 0 else f"{ph / wr:g}×{pw / wc:g}"
-    top_r, top_c = divmod(int(np.argmax(m)), wc)
     title = t(lang, "inner_title", token=patch + lay.num_prefix, layer=layer + 1, n=wr * wc, word=word)
-    title += t(lang, "inner_most", row=top_r + 1, col=top_c + 1, share=f"{100 * float(m.max()):.0f}",
-               even=f"{100 / (wr * wc):.3g}")
+    even = 1.0 / (wr * wc)
+    if float(m.max() - m.min()) <= 1e-4 * even:  # no word stands out: naming one would mislead
+        title += t(lang, "inner_even", even=f"{100 * even:.3g}")
+    else:
+        top_r, top_c = divmod(int(np.argmax(m)), wc)
+        title += t(lang, "inner_most", row=top_r + 1, col=top_c + 1, share=f"{100 * float(m.max()):.3g}",
+                   even=f"{100 * even:.3g}")
     return img, f"{title}\n\n{t(lang, 'howto_inner')}"
 
 

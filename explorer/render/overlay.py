@@ -283,31 +283,40 @@ def tile_maps(maps: np.ndarray, *, size: int = 72, pad: int = 2, colormap: str =
 def word_panels(patch: np.ndarray, shares: np.ndarray, *, size: int = 220, gap: int = 12,
                 colormap: str = "inferno") -> np.ndarray:
     """TNT's inner attention inside one patch, as two panels side by side: the patch's pixels cut
-    into their words (left) and the share of the attention each word receives (right, coloured
-    from the smallest share to the largest, each cell labelled with its share in percent, in
-    black on bright colours and white on dark ones).
+    into their words (left) and the share of the attention each word receives (right), each cell
+    labelled with its share in percent where it fits (black on bright colours, white on dark).
+
+    The colours run from 0 (the colour map's first) to the largest share (its last), so that words
+    with nearly equal shares look nearly equal, as the numbers say. Panels are ``size`` pixels tall
+    and keep the patch's shape.
 
     Args:
         patch: ``(ph, pw, 3)`` uint8, the patch's pixels in the model's crop.
-        shares: ``(rows, cols)`` over the words, summing to 1.
+        shares: ``(rows, cols)`` over the words (they sum to 1; not finite counts as 0).
     """
+    shares = np.nan_to_num(np.asarray(shares, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     rows, cols = shares.shape
-    left = cv2.resize(patch, (size, size), interpolation=cv2.INTER_NEAREST)
+    ph, pw = patch.shape[:2]
+    height, width = size, max(1, int(round(size * pw / max(ph, 1))))
+    left = cv2.resize(patch, (width, height), interpolation=cv2.INTER_NEAREST)
     left = patch_grid(left, (rows, cols), labels=False)
-    right = patch_grid(heatmap(shares, (size, size), colormap, smooth=False), (rows, cols), labels=False)
-    cw, ch = size / cols, size / rows
+    top = float(shares.max())
+    levels = np.round(np.clip(shares / top, 0, 1) * 255).astype(np.uint8) if top > 0 else np.zeros(shares.shape, np.uint8)
+    big = cv2.resize(levels, (width, height), interpolation=cv2.INTER_NEAREST)
+    right = patch_grid(cv2.applyColorMap(big, colormap_lut(colormap).reshape(256, 1, 3)), (rows, cols), labels=False)
+    cw, ch = width / cols, height / rows
     if min(cw, ch) >= 28:  # the shares as numbers where they fit
-        fs = min(0.6, min(cw, ch) / 90)
-        colours = colormap_lut(colormap)[np.round(normalise(shares) * 255).astype(np.uint8)]
+        fs = min(0.55, min(cw, ch) / 100)
+        colours = colormap_lut(colormap)[levels]
         for r in range(rows):
             for c in range(cols):
-                text = f"{100 * float(shares[r, c]):.0f}%"
+                text = f"{100 * shares[r, c]:.1f}%"
                 (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, 1)
                 org = (int(c * cw + (cw - tw) / 2), int(r * ch + (ch + th) / 2))
                 bright = float(colours[r, c] @ np.array([0.299, 0.587, 0.114])) > 140
                 cv2.putText(right, text, org, cv2.FONT_HERSHEY_SIMPLEX, fs, (0, 0, 0) if bright else (255, 255, 255),
                             1, cv2.LINE_AA)
-    out = np.full((size, 2 * size + gap, 3), 255, np.uint8)
-    out[:, :size] = left
-    out[:, size + gap:] = right
+    out = np.full((height, 2 * width + gap, 3), 255, np.uint8)
+    out[:, :width] = left
+    out[:, width + gap:] = right
     return out
