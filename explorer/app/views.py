@@ -211,8 +211,11 @@ def inner_view(s: Session, lang: str, layer: int) -> tuple[np.ndarray | None, st
         title += t(lang, "inner_even", even=f"{100 * even:.3g}")
     else:
         top_r, top_c = divmod(int(np.argmax(m)), wc)
-        title += t(lang, "inner_most", row=top_r + 1, col=top_c + 1, share=f"{100 * float(m.max()):.3g}",
-                   even=f"{100 * even:.3g}")
+        digits = 3  # enough figures to tell the largest share from the even one
+        while digits < 6 and f"{100 * float(m.max()):.{digits}g}" == f"{100 * even:.{digits}g}":
+            digits += 1
+        title += t(lang, "inner_most", row=top_r + 1, col=top_c + 1, share=f"{100 * float(m.max()):.{digits}g}",
+                   even=f"{100 * even:.{digits}g}")
     return img, f"{title}\n\n{t(lang, 'howto_inner')}"
 
 
