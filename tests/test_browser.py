@@ -1,5 +1,5 @@
 """Drive the real app in Debian's Chromium: upload, see the overlay, click a patch, open every tab,
-switch to Chinese. Screenshots of every tab in both languages go to ``tests/artifacts/screenshots``
+switch to Chinese, load the bundled TNT and see its inner view. Screenshots of every tab in both languages (and of TNT's attention tab) go to ``tests/artifacts/screenshots``
 (or ``$SCREENSHOT_DIR``; the README's are made with ``SCREENSHOT_DIR=assets/screenshots``)."""
 from __future__ import annotations
 
@@ -157,6 +157,36 @@ def test_upload_click_tabs_and_chinese(page):
     shoot_all_tabs(pg, "zh-CN")
     pg.get_by_text("English", exact=True).click()
     pg.wait_for_function("document.body.innerText.includes('How to read this')")
+
+
+def test_tnt_shows_the_words_inside_a_patch(page):
+    """Load the bundled TNT from the model box: the example is explained again and the inner view
+    appears, the patch's words beside their shares, in English and in Chinese (screenshots of the
+    attention tab in both: ``en_tnt_attention.png``, ``zh-CN_tnt_attention.png``)."""
+    pg = page
+    before = overlay_src(pg)
+    box = pg.locator("#model input")
+    box.fill("classroom-tnt")
+    box.press("Enter")
+    pg.click("#load")
+    wait_change(pg, lambda: overlay_src(pg), before, "the overlay after loading classroom-tnt")
+    wait_text(pg, "#inner_md", "TNT inner attention")
+    wait_text(pg, "#inner_md", "each if all were equal")
+    img = pg.locator("#inner img").first
+    img.wait_for(state="visible")
+    w, h = pg.evaluate("(() => { const i = document.querySelector('#inner img'); "
+                       "return [i.naturalWidth, i.naturalHeight]; })()")
+    assert w == 2 * h + 12, (w, h)  # two square panels and the gap
+    time.sleep(1.0)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / "en_tnt_attention.png"), full_page=True)
+    pg.get_by_text("中文", exact=True).click()
+    wait_text(pg, "#inner_md", "TNT 内部注意力")
+    wait_text(pg, "#inner_md", "若平均分配")
+    time.sleep(1.0)
+    pg.screenshot(path=str(SHOTS / "zh-CN_tnt_attention.png"), full_page=True)
+    pg.get_by_text("English", exact=True).click()
+    wait_text(pg, "#inner_md", "TNT inner attention")
 
 
 def test_language_follows_the_browser(browser, app_url):  # noqa: F811

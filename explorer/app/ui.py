@@ -178,7 +178,7 @@ def create_attention_tab(ui: UI) -> None:
             ui.inner_img = gr.Image(type="numpy", interactive=False, show_label=False, height=220, elem_id="inner",
                                     buttons=[])  # no icons over the top-right share
             with gr.Column():
-                ui.inner_md = gr.Markdown()
+                ui.inner_md = gr.Markdown(elem_id="inner_md")
                 ui.inner_layer = T(gr.Slider(1, 12, value=1, step=1, elem_id="inner_layer"), label="inner_layer")
 
 
