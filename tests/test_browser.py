@@ -1,6 +1,7 @@
 """Drive the real app in Debian's Chromium: upload, see the overlay, click a patch, open every tab,
-switch to Chinese, load the bundled TNT and see its inner view. Screenshots of every tab in both languages (and of TNT's attention tab) go to ``tests/artifacts/screenshots``
-(or ``$SCREENSHOT_DIR``; the README's are made with ``SCREENSHOT_DIR=assets/screenshots``)."""
+switch to Chinese, load the bundled TNT and see its inner view. Screenshots of every tab in both
+languages, and of TNT's attention tab, go to ``tests/artifacts/screenshots`` (or
+``$SCREENSHOT_DIR``; the README's are made with ``SCREENSHOT_DIR=assets/screenshots``)."""
 from __future__ import annotations
 
 import os
