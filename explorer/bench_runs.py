@@ -185,7 +185,8 @@ def views_computed(exp: Explanation, photo: np.ndarray, parts: dict[str, list[fl
                                                else _pos_grid(pos.shape[0]))
     lap("pos-embed")
     if exp.inner_attention is not None:
-        out["inner"] = analysis.inner_map(exp.inner_attention, lay.num_patches // 2, exp.num_layers - 1)
+        out["inner"] = analysis.inner_map(exp.inner_attention, lay.num_patches // 2, exp.num_layers - 1,
+                                          patch_size=tuple(lay.patch_size))
     out["overlay_rollout"], out["overlay_layer"] = overlay.overlays(
         photo, [out["rollout"], out["maps"][-1].mean(0)], box=exp.box)
     lap("overlays")
