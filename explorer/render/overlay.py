@@ -17,7 +17,10 @@ from ..buffers import OVERLAYS, VALUES
 COLORMAPS = {"inferno": cv2.COLORMAP_INFERNO, "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
              "viridis": cv2.COLORMAP_VIRIDIS, "magma": cv2.COLORMAP_MAGMA}
 _LUTS: dict[str, np.ndarray] = {}
-_BAND_PIXELS = 1 << 16  # pixels per band of rows when blending
+#: pixels per band of rows when blending: each band costs seven OpenCV calls, whose Python overhead
+#: two threads pay in turn (the GIL), so larger bands beat cache-sized ones: two 12-MP overlays
+#: took 0.96 of the time with 1 << 17 as with 1 << 16 (after a forward pass, medians of 21 rounds)
+_BAND_PIXELS = 1 << 17
 _PARALLEL_PIXELS = 1 << 20  # images from this size are blended on several threads
 _POOLS: dict[int, Any] = {}
 
