@@ -170,15 +170,15 @@ def case_explain(cfg: BenchConfig, models: Models, timer: Timer) -> list[Row]:
 
 def _batch_bytes(loaded: Any, batch: int) -> int:
     """About what explaining ``batch`` images at once holds at its peak: the attention in its
-    storage dtype, the head means, the token states (kept and stacked) and a few of the forward
-    pass's widest activations, in GB of 2**30 bytes (DINOv2-S at 1370 tokens, 32 images: 14.4 estimated,
-    13.5 measured above the RSS before the case)."""
+    storage dtype, the head means, the token states (every depth and the final norm's, in one
+    buffer) and a few of the forward pass's widest activations, in bytes (DINOv2-S at 1370 tokens,
+    32 images: about 14 GB)."""
     from .capture import storage_dtype
 
     f = loaded.facts
     attention = batch * f.layers * f.heads * f.tokens ** 2 * storage_dtype(batch, f.layers, f.heads, f.tokens).itemsize
     means = batch * f.layers * f.tokens ** 2 * 4
-    states = 2 * batch * (f.layers + 1) * f.tokens * f.width * 4
+    states = batch * (f.layers + 2) * f.tokens * f.width * 4
     activations = 8 * batch * f.tokens * 4 * f.width * 4
     return attention + means + states + activations
 
@@ -390,9 +390,8 @@ def case_embed(cfg: BenchConfig, models: Models, timer: Timer) -> list[Row]:
     cls = loaded.facts.prefix_roles.index("cls") if "cls" in loaded.facts.prefix_roles else None
 
     def ours_fwd(xb):
-        raw = capture(net, xb, attention=False)
-        tok = torch.stack(raw.tokens, 0)
-        return tok[:, :, cls].float().cpu() if cls is not None else tok.mean(2).float().cpu()
+        tok = capture(net, xb, attention=False).states  # (B, L + 1, T, D)
+        return tok[:, :, cls].cpu() if cls is not None else tok.mean(2).cpu()
 
     it_o, it_p = iter(xs * (cfg.heavy_repeats + 1)), iter(xs * (cfg.heavy_repeats + 1))
     st, _ = timer.interleave({"ours": lambda: ours_fwd(next(it_o)), "plain": lambda: plain_forward(net, next(it_p))},

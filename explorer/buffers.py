@@ -1,6 +1,6 @@
 """Large buffers that are handed out again once nothing refers to them.
 
-Used by :mod:`explorer.capture` (attention, head means, TNT inner attention),
+Used by :mod:`explorer.capture` (attention, head means, token states, TNT inner attention),
 :func:`explorer.analysis.rollout.fused_layers` (the fused layers a slider setting makes) and
 :func:`explorer.render.overlay.overlay` (overlays at a photo's own size): all write tens to
 hundreds of MB that a fresh allocation would first have to fault in page by page.
@@ -68,8 +68,8 @@ class BufferPool:
             self._arrays = [a for a in self._arrays if sys.getrefcount(a) > 3]
 
 
-#: one capture's attention, head means and (TNT) inner attention
-BUFFERS = BufferPool(keep=3)
+#: one capture's attention, head means, token states and (TNT) inner attention
+BUFFERS = BufferPool(keep=4)
 #: rollout's fused layers: an Explanation caches two head fusions (max and min; mean fusion reads
 #: the head means kept at capture), and a third is computed when the older one has gone
 FUSED = BufferPool(keep=2)

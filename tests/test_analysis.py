@@ -700,6 +700,29 @@ def test_embedding_final_is_what_the_classifier_reads(key):
         np.testing.assert_allclose(emb.class_tokens[:, i], want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("key", ["vit", "tnt"])
+def test_embedding_lets_go_of_each_batch(monkeypatch, key):
+    """The token states of a capture live in one pooled buffer: an embedding copies out what it
+    keeps, so the next batch's capture recycles that buffer (views would hold every batch's
+    states alive until the end: 250 MB a batch of 32 ViT-B images). The layer states are those
+    of one batch of all the images."""
+    from conftest import build, random_image
+    from explorer.analysis.embeddings import embed_images
+    from explorer.capture import _BUFFERS
+
+    m = build(key)
+    monkeypatch.setattr(_BUFFERS, "min_bytes", 0)  # pool even a tiny model's buffers
+    _BUFFERS.release()
+    imgs = [random_image(70, 90, seed=s) for s in range(3)]
+    one_by_one = embed_images(m, imgs, batch_size=1)
+    f = m.facts
+    states_bytes = (len(m.model.blocks) + 2) * f.tokens * f.width * 4  # (1, L + 2, T, D) float32
+    assert sum(a.nbytes == states_bytes for a in _BUFFERS._arrays) == 1
+    together = embed_images(m, imgs)
+    np.testing.assert_allclose(one_by_one.class_tokens, together.class_tokens, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(one_by_one.final, together.final, atol=2e-5, rtol=1e-4)
+
+
 def test_headless_model_reports_no_prediction():
     """A backbone built with ``num_classes=0`` returns pooled features, not logits: no top-k in
     its Explanation and prediction -1 in an embedding (the app then shows no prediction panel)."""

@@ -49,17 +49,25 @@ def embed_images(model: Any, images: Sequence[Any], *, batch_size: int = 32,
     for start in range(0, n, batch_size):
         chunk = images[start:start + batch_size]
         x = torch.cat([prepare(decode(im).array, cfg, max(layout.patch_size)).tensor for im in chunk])
-        raw = capture(net, x, attention=False)
-        tok = torch.stack(raw.tokens, 0)  # (L + 1, B, T, D)
-        if cls is not None:
-            per_layer.append(tok[:, :, cls].float().numpy())
-        else:
-            per_layer.append(tok[:, :, layout.num_prefix:].mean(2).float().numpy())
-        finals.append(head_input(net, raw.final_tokens, cls, layout.num_prefix).float().numpy())
-        preds.append(np.full(len(chunk), -1) if headless else raw.logits.argmax(-1).cpu().numpy())
+        states, final, logits = _embed_batch(capture(net, x, attention=False), net, cls, layout.num_prefix)
+        per_layer.append(states)
+        finals.append(final)
+        preds.append(np.full(len(chunk), -1) if headless else logits.argmax(-1))
         if progress is not None:
             progress(min(start + batch_size, n), n)
     return Embedding(np.concatenate(per_layer, 1), np.concatenate(finals, 0), np.concatenate(preds))
+
+
+def _embed_batch(raw: Any, net: Any, cls: int | None, num_prefix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What an embedding keeps of one capture: layer states (L + 1, B, D), final embeddings (B, D)
+    and logits, as copies. The capture's token states live in one pooled buffer, which the next
+    batch's capture recycles once nothing refers to it: views kept here (or ``raw`` still bound
+    while the next batch runs) would hold every batch's states alive instead, 250 MB a batch of
+    32 ViT-B images."""
+    tok = raw.states  # (B, L + 1, T, D) float32
+    one = tok[:, :, cls] if cls is not None else tok[:, :, num_prefix:].mean(2)  # (B, L + 1, D)
+    final = head_input(net, raw.final_tokens, cls, num_prefix).float()
+    return (one.transpose(0, 1).numpy().copy(), final.numpy().copy(), raw.logits.float().cpu().numpy())
 
 
 def head_input(net: Any, final_tokens: Any, cls: int | None, num_prefix: int) -> Any:
