@@ -243,6 +243,24 @@ def test_capturing_too_few_layers_raises(vit_model, monkeypatch, image):
     assert ei.value.code == "nothing_captured"
 
 
+def test_a_block_that_drops_tokens_raises(vit_model, monkeypatch):
+    """Token states share one (B, L + 2, T, D) buffer: a block whose output has another number of
+    tokens (token pruning) gets a clear error, not a broadcast or a silent copy of part of it."""
+    x = _input(vit_model, random_image())
+    last = vit_model.model.blocks[-1]
+    forward = last.forward
+    monkeypatch.setattr(last, "forward", lambda t: forward(t)[:, :-1])
+    with pytest.raises(CaptureError) as ei:
+        capture_mod.capture(vit_model.model, x, attention=False)
+    assert ei.value.code == "nothing_captured" and "token state of shape" in str(ei.value)
+    monkeypatch.undo()
+    assert _all_hooks(vit_model.model) == []
+    raw = capture_mod.capture(vit_model.model, x, attention=False)  # and the next capture works
+    with torch.inference_mode():
+        want = vit_model.model.norm(vit_model.model.blocks[-1](raw.tokens[-2]))
+    np.testing.assert_allclose(raw.final_tokens.numpy(), want.numpy(), atol=1e-5)
+
+
 def test_fused_path_is_detected(vit_model, monkeypatch, image):
     # if a module kept its fused path, attn_drop never sees a softmax: must raise, not return empty
     class Fused(torch.nn.Module):
