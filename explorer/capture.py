@@ -233,10 +233,10 @@ class _States:
     let go, as in a plain forward pass; the Explanations then take views of the buffer. Keeping the
     forward's tensors and stacking them afterwards held every state twice and copied them once
     more, from memory: a batch of 32 images peaked 591 MB above the start for ViT-B and 1,798 MB
-    for DINOv2-S, 277–351 and 770–835 MB now (the benchmark's explain.batch rows, two runs). The buffer comes from
-    the pool: recycled once no Explanation holds it, or fresh from numpy with huge pages. A whole
-    capture and Explanation took 0.98–0.99 of the time (ViT-B, DINOv2-S, TNT-S, one image, paired
-    rounds), 0.986 for a batch of 8 DINOv2-S images."""
+    for DINOv2-S, 277–351 and 770–835 MB now (the benchmark's explain.batch rows, two runs). The
+    buffer comes from the pool: recycled once no Explanation holds it, or fresh from numpy with
+    huge pages. A whole capture and Explanation took 0.98–0.99 of the time (ViT-B, DINOv2-S, TNT-S,
+    one image, paired rounds), 0.986 for a batch of 8 DINOv2-S images."""
 
     def __init__(self, depth: int) -> None:
         self.depth = depth  # L + 2 slots
